@@ -1,0 +1,39 @@
+# brainrobust: the two commands a new user needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all lint bench figures clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch 2.14.1 + torchvision 0.29.1 is the pair that imports together here (see README).
+	$(BIN)/pip install -e '.[dev]'
+	# torchattacks is a test-only reference; its own pins would pull another torch.
+	$(BIN)/pip install --no-deps 'torchattacks==3.5.1'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python run.py
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check brainrobust tests run.py benchmarks experiments
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+figures: install
+	$(BIN)/python -m brainrobust.analysis --root results --out figures
+
+clean:
+	rm -rf outputs multirun .pytest_cache

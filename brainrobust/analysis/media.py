@@ -1,0 +1,383 @@
+"""Media of the targeted and MEI probes: videos, PNG strips and grids, response plots, galleries.
+
+Everything here reads plain arrays (the ones the probes save through the results store), so the
+same functions serve the probes at run time and `gallery(root, out)` afterwards, which rebuilds
+every picture of a results store without touching a model:
+
+    targeted_media(arrays, out_dir, prefix)   per start image: video, PNG strip, response plot
+    side_by_side(sources, roi, direction, out)   original | model rows, e.g. standard vs robust
+    labelled_grid(images, row_labels, col_labels, out)   MEI grids (ROI x seed, ROI x model)
+    gallery(root, out)                         all of the above for every run under `root`
+
+Videos are MP4 (H.264 through imageio-ffmpeg, whose ffmpeg binary ships inside the wheel); where
+that encoder fails, a GIF is written instead. Every file goes through `brainrobust.files`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import imageio.v3 as iio
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from brainrobust.errors import DataError  # noqa: E402
+from brainrobust.files import write_bytes  # noqa: E402
+from brainrobust.results.store import ResultsStore, RunStore  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ImageBatch = np.ndarray | torch.Tensor
+
+
+def to_uint8(images: ImageBatch) -> np.ndarray:
+    """(n, 3, S, S) or (n, S, S, 3) floats in [0, 1] (or uint8) -> (n, S, S, 3) uint8."""
+    arr = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or 3 not in (arr.shape[1], arr.shape[-1]):
+        raise DataError(f"expected images (n, 3, S, S) or (n, S, S, 3), got shape {arr.shape}")
+    if arr.shape[1] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    return np.round(np.clip(arr.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _upscale(frames: np.ndarray, min_size: int) -> np.ndarray:
+    """Nearest-neighbour integer upscaling, so a 64 px stimulus is watchable and pixels stay sharp."""
+    factor = max(1, -(-min_size // frames.shape[1]))
+    frames = frames.repeat(factor, axis=1).repeat(factor, axis=2)
+    # H.264 in yuv420p needs even sides: pad one edge row/column where needed.
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    return np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
+def write_gif(frames: ImageBatch, path: str | Path, fps: float = 4.0, min_size: int = 256) -> Path:
+    """An endlessly looping GIF of the frames."""
+    path = Path(path).with_suffix(".gif")
+    data = iio.imwrite("<bytes>", _upscale(to_uint8(frames), min_size), extension=".gif",
+                       duration=1000.0 / fps, loop=0)
+    write_bytes(path, data)
+    return path
+
+
+def _encode_mp4(frames: np.ndarray, fps: float) -> bytes:
+    return iio.imwrite("<bytes>", frames, extension=".mp4", plugin="FFMPEG", fps=fps,
+                       codec="libx264", macro_block_size=2, pixelformat="yuv420p")
+
+
+def write_video(frames: ImageBatch, path: str | Path, fps: float = 4.0, min_size: int = 256) -> Path:
+    """An MP4 of the frames, or a GIF beside it where the MP4 encoder is unavailable.
+
+    Returns the path actually written (suffix .mp4 or .gif).
+    """
+    arr = _upscale(to_uint8(frames), min_size)
+    try:
+        data = _encode_mp4(arr, fps)
+    except Exception as err:  # any encoder failure (missing binary, codec): the GIF still shows it
+        log.warning("MP4 encoding failed (%s); writing a GIF instead", err)
+        return write_gif(arr, path, fps=fps, min_size=0)
+    out = Path(path).with_suffix(".mp4")
+    write_bytes(out, data)
+    return out
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_grid(images: Sequence[ImageBatch] | np.ndarray, path: str | Path, gap: int = 2) -> Path:
+    """A pixel-exact PNG grid: rows of equally sized images, `gap` white pixels between cells.
+
+    `images` is a sequence of rows (each (c, 3, S, S) or (c, S, S, 3)) or one (r, c, 3, S, S)
+    array. The PNG is c*S + (c-1)*gap wide and r*S + (r-1)*gap high.
+    """
+    rows = [to_uint8(row) for row in images]
+    n_cols = max(len(r) for r in rows)
+    h, w = rows[0].shape[1:3]
+    if any(r.shape[1:3] != (h, w) for r in rows):
+        raise DataError("write_grid needs images of one size")
+    canvas = np.full((len(rows) * (h + gap) - gap, n_cols * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            canvas[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = img
+    path = Path(path).with_suffix(".png")
+    write_bytes(path, _png_bytes(canvas))
+    return path
+
+
+def write_strip(frames: ImageBatch, path: str | Path, gap: int = 2) -> Path:
+    """One row of frames as a PNG (see `write_grid` for its size)."""
+    return write_grid([frames], path, gap=gap)
+
+
+def _save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
+    path = Path(path).with_suffix(".png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_responses(eps: np.ndarray, responses: Mapping[str, np.ndarray], path: str | Path,
+                   driven: str | None = None, held: Sequence[str] = (), title: str = "") -> Path:
+    """Change of every ROI's predicted response along an eps trajectory, as a PNG line plot.
+
+    `responses` maps ROI -> (n_eps,) predicted responses (eps[0] is the start, usually 0); the plot
+    shows r(eps) - r(start), the driven ROI bold, held ROIs dashed.
+    """
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for i, (roi, r) in enumerate(responses.items()):
+        r = np.asarray(r, dtype=np.float64)
+        style = "--" if roi in held else "-"
+        width = 2.6 if roi == driven else 1.3
+        label = roi + (" (driven)" if roi == driven else " (held)" if roi in held else "")
+        ax.plot(eps, r - r[0], style, lw=width, marker="o", ms=3, color=f"C{i % 10}", label=label)
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set(xlabel="eps (perturbation budget)", ylabel="predicted response change", title=title)
+    ax.legend(fontsize=7)
+    return _save_figure(fig, path)
+
+
+def labelled_grid(images: Sequence[Sequence[ImageBatch | None]], path: str | Path,
+                  row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
+                  captions: Sequence[Sequence[str]] | None = None, cell: float = 1.6) -> Path:
+    """A human-facing PNG grid with row/column labels and optional per-cell captions.
+
+    `images[i][j]` is one image ((3, S, S) or (S, S, 3)) or None for an empty cell.
+    """
+    n_rows, n_cols = len(images), max(len(r) for r in images)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + 0.8, cell * n_rows + 0.4),
+                             squeeze=False)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = images[i][j] if j < len(images[i]) else None
+            if img is None:
+                ax.axis("off")
+                continue
+            ax.imshow(to_uint8(img)[0], interpolation="nearest")
+            if captions is not None:
+                ax.set_xlabel(captions[i][j], fontsize=7)
+            if i == 0 and j < len(col_labels):
+                ax.set_title(col_labels[j], fontsize=8)
+            if j == 0 and i < len(row_labels):
+                ax.set_ylabel(row_labels[i], fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _text(arrays: Mapping[str, np.ndarray], key: str, default: str = "") -> str:
+    return str(arrays[key]) if key in arrays else default
+
+
+def _image_label(image_id: int, files: Sequence[str]) -> str:
+    # User files get negative ids -1, -2, ... (see brainrobust.probes.image_selection).
+    return Path(files[-image_id - 1]).stem if image_id < 0 and len(files) >= -image_id else f"nsd{image_id}"
+
+
+def targeted_media(arrays: Mapping[str, np.ndarray], out_dir: str | Path, prefix: str,
+                   fps: float = 4.0) -> list[Path]:
+    """Per start image of a targeted trajectory: a video, a PNG strip and a response plot.
+
+    `arrays` is what the targeted probe saves: images (n, T, 3, S, S) with frame 0 the start,
+    eps (T,), responses (n, T, n_rois), rois, image_id, driven_roi, direction, hold, files.
+    """
+    out_dir = Path(out_dir)
+    rois = [str(r) for r in arrays["rois"]]
+    held = [str(r) for r in arrays.get("hold", [])]
+    driven, direction = _text(arrays, "driven_roi"), _text(arrays, "direction")
+    files = [str(f) for f in arrays.get("files", [])]
+    paths = []
+    for i, image_id in enumerate(np.asarray(arrays["image_id"]).tolist()):
+        stem = out_dir / f"{prefix}_{_image_label(int(image_id), files)}"
+        frames = arrays["images"][i]
+        paths.append(write_video(frames, stem, fps=fps))
+        paths.append(write_strip(frames, stem.with_name(stem.name + "_strip")))
+        title = f"{_text(arrays, 'model')}: {direction} {driven}, image {_image_label(int(image_id), files)}"
+        paths.append(plot_responses(np.asarray(arrays["eps"], dtype=np.float64),
+                                    {roi: arrays["responses"][i, :, k] for k, roi in enumerate(rois)},
+                                    stem.with_name(stem.name + "_responses"),
+                                    driven=driven, held=held, title=title))
+    return paths
+
+
+def _targeted_arrays(source: str | Path | Mapping[str, np.ndarray], roi: str,
+                     direction: str) -> Mapping[str, np.ndarray]:
+    if isinstance(source, Mapping):
+        return source
+    run_dir = Path(source)
+    return RunStore(dir=run_dir, key=run_dir.name, columns={}).load_array(f"targeted_{roi}_{direction}")
+
+
+def side_by_side(sources: Mapping[str, str | Path | Mapping[str, np.ndarray]], roi: str, direction: str,
+                 out: str | Path, image_id: int | None = None) -> Path:
+    """The talk's "standard vs robustified" panel for one start image, as a PNG.
+
+    Parameters
+    ----------
+    sources
+        Row label -> a run directory holding arrays/targeted_<roi>_<direction>.npz, or those
+        arrays already loaded; rows appear in this order (e.g. {"standard": ..., "robust": ...}).
+    roi, direction
+        The driven ROI and direction, naming the arrays.
+    out
+        The PNG path.
+    image_id
+        The start image; by default the first one every source holds.
+
+    The first row shows the original and the driven ROI's response change against eps for every
+    source; each further row is that source's trajectory, one column per eps.
+    """
+    loaded = {label: _targeted_arrays(src, roi, direction) for label, src in sources.items()}
+    if not loaded:
+        raise DataError("side_by_side needs at least one source")
+    eps = [np.asarray(a["eps"], dtype=np.float64) for a in loaded.values()]
+    if any(e.shape != eps[0].shape or not np.allclose(e, eps[0], rtol=1e-3) for e in eps):
+        raise DataError(f"side_by_side: the sources ran different eps schedules "
+                        f"({[e.tolist() for e in eps]}); rerun them with one schedule")
+    common = set.intersection(*(set(np.asarray(a["image_id"]).tolist()) for a in loaded.values()))
+    if image_id is None:
+        first = [i for i in np.asarray(next(iter(loaded.values()))["image_id"]).tolist() if i in common]
+        if not first:
+            raise DataError("side_by_side: the sources share no start image; select start images by "
+                            "measured response (images.by=measured) or give the same files")
+        image_id = first[0]
+    elif image_id not in common:
+        raise DataError(f"side_by_side: image {image_id} is not in every source; shared: {sorted(common)}")
+
+    eps = eps[0]
+    n_cols = len(eps)
+    fig = plt.figure(figsize=(1.5 * n_cols + 0.6, 1.6 * (len(loaded) + 1) + 0.3))
+    grid = fig.add_gridspec(len(loaded) + 1, n_cols)
+    curve_ax = fig.add_subplot(grid[0, 1:]) if n_cols > 1 else None
+    for row, (label, arrays) in enumerate(loaded.items(), start=1):
+        i = np.asarray(arrays["image_id"]).tolist().index(image_id)
+        k = [str(r) for r in arrays["rois"]].index(roi)
+        frames = to_uint8(arrays["images"][i])
+        response = np.asarray(arrays["responses"][i, :, k], dtype=np.float64)
+        if row == 1:
+            ax = fig.add_subplot(grid[0, 0])
+            ax.imshow(frames[0], interpolation="nearest")
+            ax.set(xticks=[], yticks=[], title="original")
+        for j in range(n_cols):
+            ax = fig.add_subplot(grid[row, j])
+            ax.imshow(frames[j], interpolation="nearest")
+            ax.set(xticks=[], yticks=[])
+            ax.set_xlabel(f"{response[j] - response[0]:+.2f}", fontsize=7)
+            if row == 1:
+                ax.set_title(f"eps {eps[j]:g}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+        if curve_ax is not None:
+            curve_ax.plot(eps, response - response[0], marker="o", ms=3, label=label)
+    if curve_ax is not None:
+        curve_ax.set(xlabel="eps", ylabel=f"change in {roi}")
+        curve_ax.axhline(0.0, color="0.6", lw=0.8)
+        curve_ax.legend(fontsize=7)
+    fig.suptitle(f"{direction} {roi}: image {image_id}", fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, out)
+
+
+def mei_grid(per_roi: Mapping[str, Mapping[str, np.ndarray]], path: str | Path, title: str = "") -> Path:
+    """ROI rows x seed columns of MEIs, each captioned with its target ROI's response."""
+    rows, captions = [], []
+    for roi, arrays in per_roi.items():
+        k = [str(r) for r in arrays["rois"]].index(roi)
+        rows.append(list(arrays["images"]))
+        captions.append([f"{roi} {v:.2f}" for v in np.asarray(arrays["responses"])[:, k]])
+    n_cols = max(len(r) for r in rows)
+    return labelled_grid(rows, path, row_labels=list(per_roi),
+                         col_labels=[f"seed {j}" for j in range(n_cols)], captions=captions)
+
+
+def _model_label(arrays: Mapping[str, np.ndarray]) -> str:
+    robust = bool(arrays["robust"]) if "robust" in arrays else False
+    return f"{_text(arrays, 'model', '?')}" + (" (robust)" if robust else "")
+
+
+def gallery(root: str | Path, out: str | Path) -> list[Path]:
+    """Rebuild every targeted and MEI picture of the results store under `root` into `out`.
+
+    Writes, per run, out/<model>_s<subject>/ with the targeted videos, strips and response plots
+    and an MEI grid (ROI x seed); across runs, per subject and targeted setting, one side-by-side
+    panel (standard models above robust ones) and one MEI gallery (ROI x model, the best seed).
+    Returns the written paths; raises DataError when no run holds targeted or MEI arrays.
+    """
+    root, out = Path(root), Path(out)
+    paths: list[Path] = []
+    # (subject, array name) -> [(row label, robust, run dir, driven roi, direction)]
+    targeted: dict[tuple[Any, str], list[tuple[str, bool, Path, str, str]]] = defaultdict(list)
+    meis: dict[Any, dict[str, dict[str, Mapping[str, np.ndarray]]]] = defaultdict(dict)
+    for run in ResultsStore(root).runs():
+        run_dir = root / "runs" / run["key"]
+        store = RunStore(dir=run_dir, key=run["key"], columns=run["columns"])
+        subject = run["columns"].get("subject", "?")
+        run_out = out / f"{run['columns'].get('model', run['key'])}_s{subject}"
+        mei_arrays = {}
+        for npz in sorted((run_dir / "arrays").glob("*.npz")):
+            if npz.stem.startswith("targeted_"):
+                arrays = store.load_array(npz.stem)
+                paths += targeted_media(arrays, run_out, npz.stem)
+                robust = bool(arrays["robust"]) if "robust" in arrays else False
+                targeted[(subject, npz.stem)].append((_model_label(arrays), robust, run_dir,
+                                                      _text(arrays, "driven_roi"), _text(arrays, "direction")))
+            elif npz.stem.startswith("mei_"):
+                arrays = store.load_array(npz.stem)
+                mei_arrays[str(arrays["target_roi"])] = arrays
+        if mei_arrays:
+            paths.append(mei_grid(mei_arrays, run_out / "mei_grid"))
+            meis[subject][_model_label(next(iter(mei_arrays.values())))] = mei_arrays
+    for (subject, name), runs in sorted(targeted.items(), key=lambda kv: str(kv[0])):
+        if len(runs) < 2:
+            continue
+        roi, direction = runs[0][3], runs[0][4]
+        # Standard models first, robust ones below: the talk's panel reads top to bottom.
+        ordered = sorted(runs, key=lambda r: (r[1], r[0]))
+        sources = {}
+        for label, _, run_dir, _, _ in ordered:
+            # Two runs of one model (e.g. two schedules) keep both rows, told apart by run key.
+            sources[label if label not in sources else f"{label} [{run_dir.name[:6]}]"] = run_dir
+        try:
+            paths.append(side_by_side(sources, roi, direction, out / f"side_by_side_s{subject}_{name}"))
+        except DataError as err:
+            log.warning("side-by-side %s (subject %s) skipped: %s", name, subject, err)
+    for subject, by_model in meis.items():
+        rois = sorted({roi for arrays in by_model.values() for roi in arrays})
+        rows, captions = [], []
+        for roi in rois:
+            row, cap = [], []
+            for arrays in by_model.values():
+                if roi not in arrays:
+                    row.append(None)
+                    cap.append("")
+                    continue
+                a = arrays[roi]
+                k = [str(r) for r in a["rois"]].index(roi)
+                best = int(np.argmax(np.asarray(a["responses"])[:, k]))
+                row.append(a["images"][best])
+                cap.append(f"{roi} {float(a['responses'][best, k]):.2f}")
+            rows.append(row)
+            captions.append(cap)
+        paths.append(labelled_grid(rows, out / f"mei_gallery_s{subject}", row_labels=rois,
+                                   col_labels=list(by_model), captions=captions))
+    if not paths:
+        raise DataError(f"no targeted or MEI arrays under {root}; run `python run.py probe=[targeted]` "
+                        "or `probe=[mei]` first")
+    return paths

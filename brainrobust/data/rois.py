@@ -1,0 +1,144 @@
+"""Category-selective ROI definitions and FreeSurfer colour-table (ctab) parsing.
+
+An ROI is a set of label names inside one NSD localiser volume (floc-faces, floc-bodies,
+floc-places). The integer code of each label is read from the subject's ctab file rather than
+assumed, because the codes are a property of the release, not of this package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from brainrobust.errors import ConfigError, DataError
+
+HEMIS = ("both", "lh", "rh")
+
+
+@dataclass(frozen=True)
+class ROISpec:
+    """One ROI: label names looked up in a localiser volume's ctab.
+
+    Parameters
+    ----------
+    name : str
+        Name used as the key of the ROI everywhere downstream ("FFA").
+    file : str
+        Localiser stem: "floc-faces" reads floc-faces.nii.gz (hemi both) or lh./rh. versions.
+    labels : sequence of str
+        ctab label names whose voxels form the ROI ("FFA-1", "FFA-2").
+    hemi : str
+        "both", "lh" or "rh".
+    """
+
+    name: str
+    file: str
+    labels: tuple[str, ...]
+    hemi: str = "both"
+
+    def __post_init__(self) -> None:
+        # Hydra passes labels as a list (or ListConfig); the spec must stay hashable.
+        labels = (self.labels,) if isinstance(self.labels, str) else tuple(map(str, self.labels))
+        object.__setattr__(self, "labels", labels)
+        if not labels:
+            raise ConfigError(f"ROI {self.name!r} has no labels; list ctab names, e.g. [FFA-1]")
+        if self.hemi not in HEMIS:
+            raise ConfigError(f"ROI {self.name!r}: hemi {self.hemi!r} unknown; valid: {HEMIS}")
+
+    @property
+    def volume_stem(self) -> str:
+        """File stem of the volume holding this ROI's hemisphere ("lh.floc-faces")."""
+        return self.file if self.hemi == "both" else f"{self.hemi}.{self.file}"
+
+
+_BUILTIN: dict[str, tuple[str, tuple[str, ...]]] = {
+    "OFA": ("floc-faces", ("OFA",)),
+    "FFA": ("floc-faces", ("FFA-1", "FFA-2")),
+    "FFA-1": ("floc-faces", ("FFA-1",)),
+    "FFA-2": ("floc-faces", ("FFA-2",)),
+    "mTL-faces": ("floc-faces", ("mTL-faces",)),
+    "aTL-faces": ("floc-faces", ("aTL-faces",)),
+    "EBA": ("floc-bodies", ("EBA",)),
+    "FBA": ("floc-bodies", ("FBA-1", "FBA-2")),
+    "FBA-1": ("floc-bodies", ("FBA-1",)),
+    "FBA-2": ("floc-bodies", ("FBA-2",)),
+    "mTL-bodies": ("floc-bodies", ("mTL-bodies",)),
+    "OPA": ("floc-places", ("OPA",)),
+    "PPA": ("floc-places", ("PPA",)),
+    "RSC": ("floc-places", ("RSC",)),
+}
+
+
+def builtin_names() -> list[str]:
+    """Names accepted by `builtin_roi` (each also with an "lh." or "rh." prefix)."""
+    return list(_BUILTIN)
+
+
+def builtin_roi(name: str) -> ROISpec:
+    """The NSD definition of a named ROI; "lh.FFA" / "rh.FFA" select one hemisphere.
+
+    Raises ConfigError listing the valid names for an unknown name.
+    """
+    hemi, base = "both", name
+    if name[:3] in ("lh.", "rh."):
+        hemi, base = name[:2], name[3:]
+    if base not in _BUILTIN:
+        raise ConfigError(
+            f"unknown ROI {name!r}; valid: {', '.join(_BUILTIN)} (optionally prefixed lh./rh.), "
+            "or add conf/roi/<NAME>.yaml with a ROISpec"
+        )
+    file, labels = _BUILTIN[base]
+    return ROISpec(name=name, file=file, labels=labels, hemi=hemi)
+
+
+def as_roi_specs(rois: ROISpec | str | Iterable[ROISpec | str]) -> list[ROISpec]:
+    """Normalise one ROI or a sequence of them to ROISpecs with distinct names."""
+    items: Sequence = [rois] if isinstance(rois, (ROISpec, str)) else list(rois)
+    specs = [r if isinstance(r, ROISpec) else builtin_roi(str(r)) for r in items]
+    if not specs:
+        raise ConfigError("no ROI given; pass e.g. rois='FFA' or ['FFA', 'PPA']")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"ROI names must be distinct, got {names}")
+    return specs
+
+
+def read_ctab(path: str | os.PathLike) -> dict[str, int]:
+    """Parse a FreeSurfer colour table: '<int> <name> [r g b a]' per line -> {name: code}."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"label table {path} not found; set data.root=... to the NSD root") from None
+    table: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        try:
+            table[fields[1]] = int(fields[0])
+        except (ValueError, IndexError):
+            raise DataError(
+                f"{path}:{lineno}: expected '<int> <name>', got {line.strip()!r}; re-download it"
+            ) from None
+    return table
+
+
+def label_codes(spec: ROISpec, table: dict[str, int], table_path: str | os.PathLike) -> list[int]:
+    """Codes of the spec's labels in a parsed label table; DataError naming a missing label."""
+    missing = [lab for lab in spec.labels if lab not in table]
+    if missing:
+        raise DataError(
+            f"label {missing[0]!r} of ROI {spec.name!r} not in {table_path} "
+            f"(it lists {sorted(table)}); fix the ROI's labels or the file"
+        )
+    return [table[lab] for lab in spec.labels]
+
+
+def roi_mask(volume: np.ndarray, codes: Sequence[int]) -> np.ndarray:
+    """Boolean mask of the voxels whose label code is one of `codes` (codes > 0 only)."""
+    return np.isin(volume, [c for c in codes if c > 0])

@@ -1,0 +1,70 @@
+"""Architectures behind each model family, and the small offline network.
+
+Each factory returns the architecture with random init (timm's `pretrained=False`); weights
+are loaded afterwards by `brainrobust.models.weights`, the same way for every family.
+`zoo.build_architecture` seeds the RNG around the call, so random-init models are reproducible.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import timm
+from torch import Tensor, nn
+
+from brainrobust.errors import ConfigError
+from brainrobust.models.zoo import ModelSpec, register_factory
+
+
+class TinyCNN(nn.Module):
+    """Four conv blocks (3x3 conv, BatchNorm, ReLU, 2x2 max-pool) for fast CPU features.
+
+    At 64 x 64 input `block4` gives a 128 x 4 x 4 map. With random (Kaiming) weights the
+    ReLU + max-pool stack still yields diverse, spatially local features, which is what an
+    offline default model and the tests need; it is not meant to be trained here.
+    """
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 96, 128)) -> None:
+        super().__init__()
+        channels = [3, *widths]
+        for index, (c_in, c_out) in enumerate(itertools.pairwise(channels), start=1):
+            block = nn.Sequential(
+                nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+            self.add_module(f"block{index}", block)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.children():
+            x = block(x)
+        return x
+
+
+OFFLINE_NETS: dict[str, Callable[[], nn.Module]] = {"tiny_cnn": TinyCNN}
+
+
+def _timm_model(arch: str) -> nn.Module:
+    try:
+        return timm.create_model(arch, pretrained=False)
+    except RuntimeError as err:  # timm's "Unknown model" error
+        raise ConfigError(f"timm has no architecture '{arch}' ({err}); fix model.arch") from None
+
+
+@register_factory("timm", "madry")
+def timm_architecture(spec: ModelSpec) -> nn.Module:
+    """timm architecture `spec.arch`; MadryLab ResNet-50s share torchvision's key names with it."""
+    return _timm_model(spec.arch)
+
+
+@register_factory("offline")
+def offline_architecture(spec: ModelSpec) -> nn.Module:
+    """A network defined here (e.g. tiny_cnn), else a timm architecture, random init."""
+    if spec.arch in OFFLINE_NETS:
+        return OFFLINE_NETS[spec.arch]()
+    return _timm_model(spec.arch)

@@ -1,0 +1,226 @@
+"""Model zoo: one `conf/model/<name>.yaml` per backbone, read into a `ModelSpec`.
+
+The yaml files are the registry. Listing models and reading specs touches only those files
+(no torch, no timm), so a sweep planner can enumerate all 14 models for free; the heavy
+imports happen in `build_architecture`, which dispatches to a factory registered per family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from brainrobust.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MODEL_DIR_ENV = "BRAINROBUST_MODEL_DIR"
+# The package sits beside conf/ in the repository (editable install), so the default
+# registry is found without any configuration.
+MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+SPEC_TARGET = "brainrobust.models.zoo.ModelSpec"
+
+FAMILIES = ("timm", "madry", "offline")
+NORMS = ("l2", "linf")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_POOL_RE = re.compile(r"^(avg|max|flatten|cls|grid([1-9][0-9]*))$")
+
+
+def parse_pool(pool: str) -> tuple[str, int]:
+    """Split a pool name into (kind, grid side); grid side is 0 unless kind is "grid".
+
+    avg / max: global mean / max over space (or over patch tokens); flatten: everything;
+    cls: the first token of a ViT block; gridK: average over a K x K spatial grid, then flatten.
+    """
+    match = _POOL_RE.match(str(pool))
+    if match is None:
+        raise ConfigError(
+            f"unknown pool '{pool}'; use avg, max, flatten, cls or gridK (e.g. grid2)"
+        )
+    if match.group(2):
+        return "grid", int(match.group(2))
+    return match.group(1), 0
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build one backbone and read features from it.
+
+    Built by Hydra from `conf/model/<name>.yaml` (`_target_: brainrobust.models.zoo.ModelSpec`)
+    or by `get_spec`. `weights` (a local file) overrides the default source; `allow_download`
+    is off by default so a sweep on an offline compute node fails at once with the
+    download instruction instead of hanging on a socket.
+    """
+
+    name: str
+    family: str
+    arch: str
+    layer: str
+    layers: list[str] = field(default_factory=list)
+    pool: str = "avg"
+    project_dim: int | None = None
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    hub_id: str | None = None
+    url: str | None = None
+    filename: str | None = None
+    sha256: str | None = None
+    weights: str | None = None
+    allow_download: bool = False
+    allow_unsafe_pickle: bool = False
+    robust: bool = False
+    train_norm: str | None = None
+    train_eps: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Hydra hands over ListConfig objects; plain types keep specs hashable and serialisable.
+        self.layers = [str(name) for name in self.layers]
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        where = f"model {self.name}"
+        if self.family not in FAMILIES:
+            raise ConfigError(
+                f"{where}: unknown family '{self.family}'; valid: {', '.join(FAMILIES)}"
+            )
+        parse_pool(self.pool)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"{where}: mean and std need 3 values each, std > 0")
+        if int(self.input_size) != self.input_size or self.input_size < 8:
+            raise ConfigError(f"{where}: input_size must be an integer >= 8, got {self.input_size}")
+        if self.project_dim is not None and (
+            int(self.project_dim) != self.project_dim or self.project_dim < 1
+        ):
+            raise ConfigError(f"{where}: project_dim must be null or a positive integer")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(self.sha256)):
+            raise ConfigError(f"{where}: sha256 must be 64 lowercase hex digits or null")
+        if self.family == "timm" and not (self.hub_id and self.filename):
+            raise ConfigError(f"{where}: family timm needs hub_id and filename")
+        if self.family == "madry" and not (self.url and self.filename):
+            raise ConfigError(f"{where}: family madry needs url and filename")
+        if self.robust and (self.train_norm not in NORMS or self.train_eps is None):
+            raise ConfigError(
+                f"{where}: a robust model needs train_norm ({'|'.join(NORMS)}) and train_eps"
+            )
+
+    @property
+    def all_layers(self) -> list[str]:
+        """The default readout layer followed by the documented alternatives."""
+        return [self.layer, *(name for name in self.layers if name != self.layer)]
+
+
+def model_dir(config_dir: str | os.PathLike | None = None) -> Path:
+    """The registry folder: the argument, else $BRAINROBUST_MODEL_DIR, else <repo>/conf/model."""
+    if config_dir is not None:
+        return Path(config_dir)
+    return Path(os.environ.get(MODEL_DIR_ENV, MODEL_DIR))
+
+
+def list_models(config_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names of all registered models (the yaml file stems), sorted; imports and loads nothing."""
+    folder = model_dir(config_dir)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model registry {folder} not found; set ${MODEL_DIR_ENV} or pass config_dir"
+        )
+    return sorted(path.stem for path in folder.glob("*.yaml"))
+
+
+def get_spec(name: str, config_dir: str | os.PathLike | None = None) -> ModelSpec:
+    """Read `<config_dir>/<name>.yaml` into a ModelSpec.
+
+    Raises
+    ------
+    ConfigError
+        Unknown name (the message lists the valid ones), or a malformed file.
+    """
+    valid = list_models(config_dir)
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown model '{name}'{hint}; valid: {', '.join(valid)}")
+    from omegaconf import OmegaConf
+
+    spec = spec_from_config(OmegaConf.load(model_dir(config_dir) / f"{name}.yaml"))
+    if spec.name != name:
+        raise ConfigError(f"conf/model/{name}.yaml says name: {spec.name}; make the two agree")
+    return spec
+
+
+def spec_from_config(cfg: Mapping[str, Any]) -> ModelSpec:
+    """Build a ModelSpec from a composed `cfg.model` node (or any mapping of its fields)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    fields = dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
+    target = fields.pop("_target_", SPEC_TARGET)
+    if target != SPEC_TARGET:
+        raise ConfigError(f"model config has _target_: {target}; expected {SPEC_TARGET}")
+    known = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown model field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
+    try:
+        return ModelSpec(**fields)
+    except TypeError as err:  # a required field is absent
+        raise ConfigError(f"model config incomplete: {err}") from None
+
+
+Factory = Callable[[ModelSpec], "nn.Module"]
+# family -> architecture builder. Filled by `brainrobust.models.backbones` at its import, which
+# `build_architecture` triggers on first use, so listing models never imports timm.
+FACTORIES: dict[str, Factory] = {}
+
+
+def register_factory(*families: str) -> Callable[[Factory], Factory]:
+    """Decorator: register an architecture builder (random init, no weights) for families."""
+
+    def decorate(factory: Factory) -> Factory:
+        for family in families:
+            FACTORIES[family] = factory
+        return factory
+
+    return decorate
+
+
+def build_architecture(spec: ModelSpec) -> nn.Module:
+    """The spec's architecture with seeded random weights (pretrained=False).
+
+    The global RNG state is left as it was.
+    """
+    import torch
+
+    import brainrobust.models.backbones  # noqa: F401  (registers the factories)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return FACTORIES[spec.family](spec)
+
+
+def build_backbone(spec: ModelSpec, weights_dir: str | os.PathLike | None = None) -> nn.Module:
+    """Architecture plus its weights, in eval mode with frozen parameters.
+
+    Weights come from `spec.weights`, else `weights_dir/<filename>`, else the Hugging Face
+    cache (timm), else a download when `spec.allow_download`; offline-family models without
+    `weights` keep their seeded random init. See `brainrobust.models.weights.resolve_weights`.
+    """
+    from brainrobust.models.weights import load_weights, resolve_weights
+
+    path = resolve_weights(spec, weights_dir)  # first: missing weights fail before any build
+    model = build_architecture(spec)
+    if path is not None:
+        load_weights(model, path, spec)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model

@@ -1,0 +1,165 @@
+"""One run: config -> data module -> encoder -> probes -> results store.
+
+`run.py` is a thin Hydra wrapper around `run(cfg)`; tests call `run(cfg)` on composed configs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from brainrobust.data.datamodule import BrainDataModule
+from brainrobust.errors import ConfigError, CacheError
+from brainrobust.files import stable_hash
+from brainrobust.models.encoder import BrainEncoder
+from brainrobust.models.features import build_feature_model, extract_features
+from brainrobust.models.readout import LinearReadout, fit_ridge
+from brainrobust.models.zoo import ModelSpec
+from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.results.store import ResultsStore, RunStore
+
+log = logging.getLogger(__name__)
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The part of the resolved config that determines a run's numbers: its results key."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for name in cfg.get("key_ignore", []):
+        plain.pop(name, None)
+    return plain
+
+
+def key_columns(cfg: DictConfig, datamodule: BrainDataModule) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "layer": cfg.model.layer,
+        "subject": int(cfg.subject.id),
+        "rois": ",".join(sorted(datamodule.rois)),
+        "seed": int(cfg.seed),
+    }
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, logger: Any = False) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if kwargs.get("inference_mode", False):
+        raise ConfigError("trainer.inference_mode must be false: probes need gradients")
+    return L.Trainer(callbacks=callbacks or [], logger=logger, **kwargs)
+
+
+def build_encoder(cfg: DictConfig, dm: BrainDataModule) -> BrainEncoder:
+    """Backbone + cached features + ridge readout (fit once, then loaded from the cache)."""
+    spec: ModelSpec = instantiate(cfg.model)
+    preprocess, features = build_feature_model(spec, weights_dir=cfg.paths.weights_dir)
+
+    cache_dir = Path(cfg.paths.cache_dir)
+    readout_key = stable_hash({
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "subject": dm.subject, "rois": {k: v.tolist() for k, v in dm.rois.items()},
+        "train_ids": stable_hash(dm.train.ids.tolist()), "source": dm.loader.image_source_id,
+        "readout": OmegaConf.to_container(cfg.readout, resolve=True), "seed": cfg.seed,
+    })
+    readout_path = cache_dir / "readouts" / f"{spec.name}-s{dm.subject}-{readout_key}.safetensors"
+    readout = None
+    if readout_path.exists():
+        try:
+            readout, _ = LinearReadout.load(readout_path, expect={"key": readout_key})
+            log.info("readout loaded from %s", readout_path)
+        except CacheError as err:
+            log.warning("%s; refitting", err)
+    if readout is None:
+        x_train = extract_features(
+            spec, torch.nn.Sequential(preprocess, features), images=dm.images("train"), ids=dm.train.ids,
+            image_source_id=dm.loader.image_source_id, cache_dir=cache_dir / "features",
+            batch_size=dm.batch_size, weights_dir=cfg.paths.weights_dir)
+        fit = fit_ridge(x_train, dm.train.responses, alphas=list(cfg.readout.alphas),
+                        method=cfg.readout.method, cv=cfg.readout.cv)
+        readout = LinearReadout.from_fit(fit)
+        readout.save(readout_path, {
+            "key": readout_key, "model": spec.name, "layer": spec.layer, "subject": dm.subject,
+            "rois": sorted(dm.rois), "method": cfg.readout.method,
+            "alphas": list(cfg.readout.alphas), "train_ids_sha": stable_hash(dm.train.ids.tolist()),
+        })
+        log.info("readout fit (%s) and saved to %s", cfg.readout.method, readout_path)
+
+    return BrainEncoder(
+        preprocess, features, readout, rois=dm.rois, input_size=dm.stimulus_size,
+        meta={"model": spec.name, "layer": spec.layer, "subject": dm.subject, "robust": spec.robust},
+        noise_ceiling=dm.test.noise_ceiling, roi_noise_ceiling=dm.test.roi_noise_ceiling,
+    )
+
+
+def build_context(cfg: DictConfig, dm: BrainDataModule, store: RunStore, columns: dict) -> ProbeContext:
+    test = dm.test
+    roi_stats = {
+        roi: {"test_sd": float(np.std(test.roi_mean[roi])),
+              "noise_ceiling": float(test.roi_noise_ceiling.get(roi, np.nan))}
+        for roi in dm.rois
+    }
+    return ProbeContext(
+        images=dm.image_tensor("test"), image_ids=test.ids, responses=test.responses,
+        rois=sorted(dm.rois), roi_stats=roi_stats, meta=columns, store=store, seed=int(cfg.seed),
+    )
+
+
+def build_probes(cfg: DictConfig) -> list[Probe]:
+    probes = []
+    for name, probe_cfg in (cfg.get("probe") or {}).items():
+        probe = instantiate(probe_cfg, _convert_="all")
+        if not isinstance(probe, Probe):
+            raise ConfigError(f"probe.{name} does not build a brainrobust Probe (got {type(probe).__name__})")
+        probes.append(probe)
+    return probes
+
+
+def run(cfg: DictConfig) -> RunStore:
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    probes = build_probes(cfg)
+    dm: BrainDataModule = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup()
+
+    columns = key_columns(cfg, dm)
+    store = ResultsStore(cfg.paths.results_dir).run(run_identity(cfg), columns)
+    if store.is_complete() and not cfg.force:
+        log.info("run %s is complete (%s): skipped; pass force=true to redo it", store.key, store.dir)
+        return store
+
+    encoder = build_encoder(cfg, dm)
+    context = build_context(cfg, dm, store, columns)
+    for probe in probes:
+        probe.bind(context)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    try:
+        trainer = build_trainer(cfg, callbacks=probes, logger=logger)
+        trainer.test(encoder, dataloaders=dm.test_dataloader(), verbose=False)
+    finally:
+        # W&B runs must be closed in every job of a multirun, also when one fails.
+        experiment = getattr(logger, "_experiment", None)
+        if experiment is not None and hasattr(experiment, "finish"):
+            experiment.finish()
+    if not store.has_records("predictivity") or cfg.force:
+        store.write_records("predictivity", encoder.predictivity)
+    store.mark_complete()
+    return store
+
+
+def summary_table(store: RunStore) -> pd.DataFrame:
+    """One row per ROI: test r, sensitivity at each eps, and the random control."""
+    pred = store.read_records("predictivity")
+    rows = pred[pred.metric == "r_roi_mean"].set_index("roi")["value"].rename("test_r").to_frame()
+    if store.has_records("sensitivity"):
+        sens = store.read_records("sensitivity")
+        for metric, label in (("abs_s", "|s|"), ("random_abs_s", "random")):
+            wide = (sens[sens.metric == metric].groupby(["roi", "eps"])["value"].mean()
+                    .unstack("eps").rename(columns=lambda e: f"{label} eps={e:g}"))
+            rows = rows.join(wide)
+    rows.insert(0, "model", store.columns["model"])
+    return rows.reset_index()

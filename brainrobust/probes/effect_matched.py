@@ -1,0 +1,203 @@
+"""Effect-matched budgets: the smallest eps that moves an ROI response by a set effect (method.md 3).
+
+For every ROI and image, find
+
+    eps* = min { eps : |r(x) - r(x + delta_eps)| >= effect },   delta_eps = PGD at budget eps
+
+by growing eps geometrically from eps_min until the effect is reached (or eps_max is passed),
+then bisecting the bracket (lo, hi] until hi - lo <= rel_tol * hi. Every image of a batch carries
+its own bracket and all of them advance together: one PGD call per round on the images still
+searching. eps_found is the upper end of the final bracket, so the stored perturbation reaches the
+effect. Robust and standard models can then be compared by the budget they need, and the stored
+perturbations feed the transfer probe (kind effect_matched).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from brainrobust.errors import ConfigError, DataError
+from brainrobust.probes.attack import PGDConfig, pgd
+from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.probes.objectives import make_objective
+
+EFFECT_KINDS = ("absolute", "test_sd", "noise_ceiling")
+METRICS = ("eps_found", "reached", "effect", "effect_target", "r_clean", "r_adv", "norm", "pgd_runs")
+# A safety stop: bracketing and bisection need far fewer rounds for any continuous encoder.
+MAX_ROUNDS = 200
+
+
+class EffectMatchedProbe(Probe):
+    name = "effect_matched"
+
+    def __init__(
+        self,
+        attack: PGDConfig | Mapping[str, Any],
+        effect: Mapping[str, Any],
+        eps_min: float = 0.01,
+        eps_max: float = 10.0,
+        growth: float = 2.0,
+        rel_tol: float = 0.01,
+        batch_size: int = 32,
+        max_images: int | None = None,
+        rois: list[str] | None = None,
+        save_perturbations: bool = True,
+        force: bool = False,
+    ):
+        super().__init__(rois=rois, max_images=max_images, force=force)
+        self.attack = attack if isinstance(attack, PGDConfig) else PGDConfig(
+            **{k: v for k, v in dict(attack).items() if k != "_target_"})
+        self.effect_kind, self.effect_value = _parse_effect(effect)
+        if not (_positive(eps_min) and _positive(eps_max) and eps_max > eps_min):
+            raise ConfigError(f"effect_matched needs 0 < eps_min < eps_max, got {eps_min}, {eps_max}")
+        if not (_positive(growth) and growth > 1):
+            raise ConfigError(f"effect_matched.growth must be > 1, got {growth}")
+        if not (_positive(rel_tol) and rel_tol < 1):
+            raise ConfigError(f"effect_matched.rel_tol must be in (0, 1), got {rel_tol}")
+        if batch_size < 1:
+            raise ConfigError(f"effect_matched.batch_size must be >= 1, got {batch_size}")
+        self.eps_min, self.eps_max = float(eps_min), float(eps_max)
+        self.growth, self.rel_tol = float(growth), float(rel_tol)
+        self.batch_size = batch_size
+        self.save_perturbations = save_perturbations
+
+    def effect_target(self, stats: Mapping[str, float], roi: str) -> float:
+        """The effect in response units for one ROI."""
+        if self.effect_kind == "absolute":
+            return self.effect_value
+        test_sd = float(stats["test_sd"])
+        if self.effect_kind == "test_sd":
+            target = self.effect_value * test_sd
+        else:
+            nc = float(stats["noise_ceiling"])
+            if not (math.isfinite(nc) and nc > 0):
+                raise DataError(f"ROI {roi} has no positive noise ceiling ({nc}); use "
+                                f"probe.effect_matched.effect.kind=test_sd or absolute")
+            # The explainable (signal) SD: sqrt(NC/100) of the test-set SD.
+            target = self.effect_value * math.sqrt(nc / 100.0) * test_sd
+        if not (math.isfinite(target) and target > 0):
+            raise DataError(f"ROI {roi}: test-set SD {test_sd} gives effect {target}; "
+                            f"use probe.effect_matched.effect.kind=absolute")
+        return target
+
+    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
+        images, ids = self.selected_images(ctx.device)
+        generator = ctx.generator()
+        frames = []
+        for roi in self.selected_rois():
+            target = self.effect_target(ctx.roi_stats[roi], roi)
+            parts = [self.search(encoder, roi, images[i:i + self.batch_size], target, generator)
+                     for i in range(0, len(images), self.batch_size)]
+            found = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            delta = found.pop("delta")
+            wide = pd.DataFrame(found)
+            wide["effect_target"] = target
+            wide["image_id"] = ids
+            wide["eps"] = wide["eps_found"]
+            wide["roi"] = roi
+            frames.append(wide.melt(id_vars=["image_id", "roi", "eps"], value_vars=list(METRICS),
+                                    var_name="metric", value_name="value"))
+            if self.save_perturbations:
+                ctx.store.save_array(f"effect_matched_{roi}_{self.attack.norm}", {
+                    "delta": delta[None], "image_id": ids, "eps": found["eps_found"],
+                })
+        records = pd.concat(frames, ignore_index=True)
+        records["norm_type"] = self.attack.norm
+        records["effect_kind"] = self.effect_kind
+        records["effect_value"] = self.effect_value
+        records["attack_steps"] = self.attack.steps
+        return records
+
+    def summary(self, records: pd.DataFrame) -> dict[str, float]:
+        """Fraction of images that reached the effect and the median eps among them, per ROI."""
+        out = {}
+        for roi, rows in records.groupby("roi"):
+            reached = rows[rows.metric == "reached"]["value"]
+            eps = rows[rows.metric == "eps_found"]["value"].dropna()
+            out[f"{self.name}/{roi}/reached"] = float(reached.mean())
+            if len(eps):
+                out[f"{self.name}/{roi}/eps_found_median"] = float(eps.median())
+        return out
+
+    def search(self, encoder: torch.nn.Module, roi: str, x: torch.Tensor, target: float,
+               generator: torch.Generator) -> dict[str, np.ndarray]:
+        """Bracket and bisect the budget of every image of `x` at once.
+
+        Returns per image: eps_found (NaN if not reached within eps_max), reached (0/1), effect
+        (|r(x) - r(x + delta)| at eps_found, or at eps_max when not reached), r_clean, r_adv,
+        norm (of the stored delta), pgd_runs, and delta (fp16, the perturbation at eps_found).
+        """
+        n, device = len(x), x.device
+        lo = torch.zeros(n, dtype=torch.float64, device=device)
+        hi = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+        eps = torch.full((n,), self.eps_min, dtype=torch.float64, device=device)
+        active = torch.ones(n, dtype=torch.bool, device=device)
+        runs = torch.zeros(n, dtype=torch.long, device=device)
+        delta = torch.zeros_like(x)
+        effect = torch.zeros(n, dtype=torch.float64, device=device)
+        r_adv = torch.zeros(n, dtype=torch.float64, device=device)
+        norm = torch.zeros(n, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            r_clean = encoder.roi_response(x, roi).double()
+        for _ in range(MAX_ROUNDS):
+            idx = active.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            xi = x[idx]
+            result = pgd(make_objective(encoder, roi, "abs", xi), xi, eps[idx].to(x.dtype),
+                         self.attack, generator=generator)
+            with torch.no_grad():
+                r_i = encoder.roi_response(xi + result.delta, roi).double()
+            effect_i = (r_clean[idx] - r_i).abs()
+            reached = effect_i >= target
+            # Keep the attempt at the bracket's upper end; while unbracketed keep the latest
+            # (largest) attempt, so an image that never reaches the effect reports eps_max's.
+            keep = reached | torch.isinf(hi[idx])
+            k = idx[keep]
+            delta[k] = result.delta.detach()[keep]
+            effect[k], r_adv[k] = effect_i[keep], r_i[keep]
+            norm[k] = result.norm.detach().double()[keep]
+            hi[idx[reached]] = eps[idx[reached]]
+            lo[idx[~reached]] = eps[idx[~reached]]
+            runs[idx] += 1
+            lo_i, hi_i = lo[idx], hi[idx]
+            unbracketed = torch.isinf(hi_i)
+            given_up = unbracketed & (lo_i >= self.eps_max)
+            converged = ~unbracketed & (hi_i - lo_i <= self.rel_tol * hi_i)
+            eps[idx] = torch.where(unbracketed, (lo_i * self.growth).clamp(max=self.eps_max),
+                                   (lo_i + hi_i) / 2)
+            active[idx] = ~(given_up | converged)
+        else:
+            raise RuntimeError(f"effect-matched search did not converge in {MAX_ROUNDS} rounds")
+        found = torch.isfinite(hi)
+        return {
+            "eps_found": torch.where(found, hi, torch.full_like(hi, math.nan)).cpu().numpy(),
+            "reached": found.double().cpu().numpy(),
+            "effect": effect.cpu().numpy(),
+            "r_clean": r_clean.cpu().numpy(),
+            "r_adv": r_adv.cpu().numpy(),
+            "norm": norm.cpu().numpy(),
+            "pgd_runs": runs.double().cpu().numpy(),
+            "delta": delta.half().cpu().numpy(),
+        }
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _parse_effect(effect: Mapping[str, Any]) -> tuple[str, float]:
+    if not isinstance(effect, Mapping) or set(effect) != {"kind", "value"}:
+        raise ConfigError(f"effect_matched.effect must be {{kind: absolute|test_sd|noise_ceiling, "
+                          f"value: number > 0}}, got {effect!r}")
+    kind, value = effect["kind"], effect["value"]
+    if kind not in EFFECT_KINDS:
+        raise ConfigError(f"effect_matched.effect.kind must be one of {list(EFFECT_KINDS)}, got {kind!r}")
+    if not _positive(value):
+        raise ConfigError(f"effect_matched.effect.value must be a number > 0, got {value!r}")
+    return kind, float(value)

@@ -1,0 +1,106 @@
+"""Attack objectives on the encoder interface: what PGD maximises, per image.
+
+Every objective compares the encoder's prediction for the perturbed image with its prediction
+for the clean image (computed once, without gradients) and returns one value per image:
+
+    abs       |m(x + d) - m(x)|               m = mean over the ROI's voxels (the seed's objective)
+    increase  m(x + d) - m(x)
+    decrease  m(x) - m(x + d)
+    pattern   ||r_roi(x + d) - r_roi(x)||_2   the ROI's voxel pattern
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from brainrobust.errors import ConfigError
+
+
+def _abs(now: Tensor, clean: Tensor) -> Tensor:
+    change = now.mean(1) - clean.mean(1)
+    # |.| with sign(0) taken as +1: at d = 0 the gradient is that of m, not 0, so PGD without a
+    # random start still leaves the kink (torch's abs has gradient 0 there).
+    return change * torch.where(change >= 0, 1.0, -1.0)
+
+
+def _increase(now: Tensor, clean: Tensor) -> Tensor:
+    return now.mean(1) - clean.mean(1)
+
+
+def _decrease(now: Tensor, clean: Tensor) -> Tensor:
+    return clean.mean(1) - now.mean(1)
+
+
+def _pattern(now: Tensor, clean: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(now - clean, dim=1)
+
+
+# (ROI voxels of x + d, ROI voxels of x), both (N, k) -> (N,)
+OBJECTIVES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "abs": _abs,
+    "increase": _increase,
+    "decrease": _decrease,
+    "pattern": _pattern,
+}
+
+
+def make_objective(
+    encoder: torch.nn.Module,
+    roi: str,
+    kind: str,
+    clean_x: Tensor,
+    hold: Mapping[str, float] | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """Build objective(x_adv) -> (N,) for `pgd`, with x_adv in the same image order as clean_x.
+
+    Parameters
+    ----------
+    encoder : encoder(x) -> (N, V) with `rois` {name: voxel columns}; must be in eval mode, so
+        that every image's prediction depends on that image only.
+    roi : the ROI the objective reads.
+    kind : one of OBJECTIVES.
+    clean_x : (N, 3, S, S) the unperturbed images.
+    hold : optional {other_roi: weight >= 0}: subtract weight * (m_other(x + d) - m_other(x))^2,
+        so a targeted probe can drive `roi` while keeping the others where they were.
+    """
+    if kind not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {kind!r}; valid: {sorted(OBJECTIVES)}")
+    rois = encoder.rois
+    hold = dict(hold or {})
+    for name in (roi, *hold):
+        if name not in rois:
+            raise ConfigError(f"unknown ROI {name!r} for this encoder; valid: {sorted(rois)}")
+    if roi in hold:
+        raise ConfigError(f"hold names the attacked ROI {roi!r}; hold only other ROIs")
+    for name, weight in hold.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"hold weight for {name!r} must be a finite number >= 0, got {weight!r}")
+    if encoder.training:
+        raise ConfigError("the encoder must be in eval mode for an attack (call encoder.eval()); "
+                          "in train mode batch statistics couple the images")
+
+    device = clean_x.device
+    index = rois[roi].to(device)
+    held = [(rois[name].to(device), float(weight)) for name, weight in hold.items()]
+    with torch.no_grad():
+        clean = encoder(clean_x)
+    clean_roi = clean[:, index]
+    clean_held = [clean[:, cols].mean(1) for cols, _ in held]
+    score = OBJECTIVES[kind]
+    n = clean_x.shape[0]
+
+    def objective(x_adv: Tensor) -> Tensor:
+        if x_adv.shape[0] != n:
+            raise ConfigError(f"objective built for {n} images was given {x_adv.shape[0]}")
+        response = encoder(x_adv)
+        value = score(response[:, index], clean_roi)
+        for (cols, weight), m0 in zip(held, clean_held):
+            value = value - weight * (response[:, cols].mean(1) - m0).square()
+        return value
+
+    return objective

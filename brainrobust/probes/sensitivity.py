@@ -1,0 +1,119 @@
+"""Adversarial sensitivity of an encoder's ROI response (method.md section 2).
+
+    s = r(x) - r(x + delta),   delta = argmax_{||delta|| <= eps} objective
+
+for every test image, ROI and eps of the ladder (one vectorised PGD call per image batch), with a
+negative control: random perturbations of the same achieved norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from brainrobust.errors import ConfigError
+from brainrobust.probes.attack import PGDConfig, expand_ladder, pgd, random_perturbation, validate_eps
+from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.probes.objectives import OBJECTIVES, make_objective
+
+# Records are long format: these wide columns are melted into (metric, value) rows.
+METRICS = ("r_clean", "r_adv", "s", "abs_s", "s_sd", "s_nc", "norm", "steps_used",
+           "random_abs_s", "random_abs_s_max")
+
+
+def pgd_config(attack: PGDConfig | Mapping[str, Any]) -> PGDConfig:
+    if isinstance(attack, PGDConfig):
+        return attack
+    return PGDConfig(**{k: v for k, v in dict(attack).items() if k != "_target_"})
+
+
+class SensitivityProbe(Probe):
+    name = "sensitivity"
+
+    def __init__(
+        self,
+        attack: PGDConfig | Mapping[str, Any],
+        eps: Sequence[float],
+        objective: str = "abs",
+        random_draws: int = 4,
+        batch_size: int = 32,
+        max_images: int | None = None,
+        rois: list[str] | None = None,
+        save_perturbations: bool = True,
+        force: bool = False,
+    ):
+        super().__init__(rois=rois, max_images=max_images, force=force)
+        self.attack = pgd_config(attack)
+        self.eps = validate_eps(eps)
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {objective!r}; valid: {sorted(OBJECTIVES)}")
+        if random_draws < 1:
+            raise ConfigError(f"sensitivity.random_draws must be >= 1, got {random_draws}")
+        if batch_size < 1:
+            raise ConfigError(f"sensitivity.batch_size must be >= 1, got {batch_size}")
+        self.objective = objective
+        self.random_draws = random_draws
+        self.batch_size = batch_size
+        self.save_perturbations = save_perturbations
+
+    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
+        images, ids = self.selected_images(ctx.device)
+        generator = ctx.generator()
+        frames = []
+        for roi in self.selected_rois():
+            columns, deltas = self._attack_roi(encoder, roi, images, generator)
+            stats = ctx.roi_stats[roi]
+            columns["s_sd"] = columns["s"] / stats["test_sd"]
+            # Fraction of the ROI's explainable (signal) SD: sqrt(NC/100) of the test-set SD.
+            signal_sd = np.sqrt(stats["noise_ceiling"] / 100.0) * stats["test_sd"]
+            columns["s_nc"] = columns["abs_s"] / signal_sd if signal_sd > 0 else np.nan
+            wide = pd.DataFrame(columns)
+            wide["image_id"] = ids[wide.pop("image")]
+            wide["roi"] = roi
+            frames.append(wide.melt(id_vars=["image_id", "roi", "eps"], value_vars=list(METRICS),
+                                    var_name="metric", value_name="value"))
+            if self.save_perturbations:
+                ctx.store.save_array(f"perturbations_{roi}_{self.attack.norm}", {
+                    "delta": deltas, "image_id": ids, "eps": self.eps.numpy(),
+                })
+        records = pd.concat(frames, ignore_index=True)
+        records["norm_type"] = self.attack.norm
+        records["objective"] = self.objective
+        records["attack_steps"] = self.attack.steps
+        return records
+
+    def _attack_roi(self, encoder, roi: str, images: torch.Tensor,
+                    generator: torch.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        n_eps = len(self.eps)
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "eps", *METRICS)
+                                             if k not in ("s_sd", "s_nc")}
+        deltas = []
+        for start in range(0, len(images), self.batch_size):
+            x = images[start:start + self.batch_size]
+            xe, eps_e, ladder = expand_ladder(x, self.eps.tolist())
+            image_idx = start + torch.arange(len(x)).repeat(n_eps)
+            result = pgd(make_objective(encoder, roi, self.objective, xe), xe, eps_e.to(x.device),
+                         self.attack, generator=generator)
+            with torch.no_grad():
+                r_clean = encoder.roi_response(xe, roi)
+                r_adv = encoder.roi_response(xe + result.delta, roi)
+                random_effects = torch.stack([
+                    (encoder.roi_response(xe + random_perturbation(
+                        xe, eps_e.to(x.device), self.attack.norm, generator, match_norm=result.norm), roi)
+                     - r_clean).abs()
+                    for _ in range(self.random_draws)
+                ])
+            s = r_clean - r_adv
+            for name, value in (("image", image_idx), ("eps", eps_e), ("r_clean", r_clean),
+                                ("r_adv", r_adv), ("s", s), ("abs_s", s.abs()), ("norm", result.norm),
+                                ("steps_used", result.steps_used),
+                                ("random_abs_s", random_effects.mean(0)),
+                                ("random_abs_s_max", random_effects.amax(0))):
+                parts[name].append(value.detach().cpu().numpy())
+            deltas.append(result.delta.detach().reshape(n_eps, len(x), *x.shape[1:]).half().cpu().numpy())
+        columns = {k: np.concatenate(v) for k, v in parts.items()}
+        columns["steps_used"] = columns["steps_used"].astype(np.float64)
+        return columns, np.concatenate(deltas, axis=1)

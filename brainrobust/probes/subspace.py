@@ -1,0 +1,143 @@
+"""Perturbation subspaces of an encoder (method.md section 4).
+
+For every selected test image and ROI: the top-k right singular vectors P (D x k) of the
+Jacobian J (voxels x pixels) of the ROI's predicted voxel responses, i.e. the k pixel-space
+directions that change the ROI's response pattern most per unit L2 norm, and their singular
+values sigma (the eigenvalues of J^T J are sigma^2). Computed matrix-free
+(`brainrobust.probes.jacobian`).
+
+Records (long format), per image and ROI: metric "sigma_1" .. "sigma_k" (descending; one metric
+per rank so the default per-metric summary stays meaningful) and "participation_ratio", the
+effective dimensionality of the top-k eigenvalues, (sum sigma^2)^2 / sum sigma^4: 1 when one
+direction dominates, k when all k are equally sensitive.
+
+Arrays: `subspace_<roi>` holds P (n, D, k), sigma (n, k) and image_id (n,), fp16 (full-precision
+sigma is in the records), so `brainrobust.analysis.subspaces` compares any pair of runs without
+recomputing. At 224 x 224 with k = 10 that is 3 MB per image and ROI: cap max_images.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from brainrobust.errors import ConfigError
+from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.probes.jacobian import JVP_MODES, METHODS, top_k_right_singular
+
+VOXELS = ("roi", "all")
+
+
+class SubspaceProbe(Probe):
+    """Top-k Jacobian subspaces per image and ROI.
+
+    Parameters
+    ----------
+    k
+        Directions per image; at most the number of voxels of each ROI.
+    oversample, iters, method, chunk, jvp_mode
+        See `brainrobust.probes.jacobian.top_k_right_singular`.
+    voxels
+        "roi": J of each selected ROI's voxels (stored as subspace_<roi>); "all": one J of every
+        voxel the encoder predicts (stored as subspace_all, records with roi "all").
+    batch_size
+        Images per call; memory grows with batch_size x min(chunk, k + oversample).
+    """
+
+    name = "subspace"
+
+    def __init__(
+        self,
+        k: int = 10,
+        oversample: int = 10,
+        iters: int = 3,
+        method: Literal["randomized", "exact"] = "randomized",
+        voxels: Literal["roi", "all"] = "roi",
+        batch_size: int = 8,
+        chunk: int = 32,
+        jvp_mode: Literal["auto", "forward", "double_vjp"] = "auto",
+        max_images: int | None = None,
+        rois: list[str] | None = None,
+        force: bool = False,
+    ):
+        super().__init__(rois=rois, max_images=max_images, force=force)
+        checks = [
+            (k >= 1, f"k must be >= 1, got {k}"),
+            (oversample >= 0, f"oversample must be >= 0, got {oversample}"),
+            (iters >= 1, f"iters must be >= 1, got {iters}"),
+            (method in METHODS, f"method must be one of {METHODS}, got {method!r}"),
+            (voxels in VOXELS, f"voxels must be one of {VOXELS}, got {voxels!r}"),
+            (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+            (chunk >= 1, f"chunk must be >= 1, got {chunk}"),
+            (jvp_mode in JVP_MODES, f"jvp_mode must be one of {JVP_MODES}, got {jvp_mode!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"probe.subspace.{message}")
+        self.k, self.oversample, self.iters, self.method = k, oversample, iters, method
+        self.voxels, self.batch_size, self.chunk, self.jvp_mode = voxels, batch_size, chunk, jvp_mode
+
+    def targets(self, encoder: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+        """Name -> voxel columns of each Jacobian (None = every voxel), with k checked against it."""
+        if self.voxels == "all":
+            n_all = int(encoder(self.context.images[:1].to(self.context.device)).shape[1])
+            sizes, targets = {"all": n_all}, {"all": None}
+        else:
+            targets = {roi: encoder.rois[roi] for roi in self.selected_rois()}
+            sizes = {roi: len(idx) for roi, idx in targets.items()}
+        for name, size in sizes.items():
+            if self.k > size:
+                raise ConfigError(
+                    f"probe.subspace.k={self.k} exceeds the {size} voxels of {name}: J has rank <= {size}; "
+                    f"set probe.subspace.k <= {size}"
+                )
+        return targets
+
+    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
+        images, ids = self.selected_images(ctx.device)
+        generator = ctx.generator()
+        frames = []
+        for name, idx in self.targets(encoder).items():
+            p, sigma = self.subspaces(encoder, idx, images, generator)
+            ctx.store.save_array(f"subspace_{name}", {"P": p, "sigma": sigma, "image_id": ids})
+            frames.append(self.records(sigma, ids, name))
+        records = pd.concat(frames, ignore_index=True)
+        for setting in ("k", "method", "iters", "oversample", "voxels"):
+            records[setting] = getattr(self, setting)
+        return records
+
+    def subspaces(self, encoder: torch.nn.Module, idx: torch.Tensor | None, images: torch.Tensor,
+                  generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """P (n, D, k) fp16 and sigma (n, k) float64 for every image, batch by batch."""
+        if idx is None:
+            fn = encoder
+        else:
+            cols = idx.to(images.device)
+
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                return encoder(x)[:, cols]
+
+        ps, sigmas = [], []
+        for start in range(0, len(images), self.batch_size):
+            p, sigma = top_k_right_singular(
+                fn, images[start:start + self.batch_size], self.k, oversample=self.oversample,
+                iters=self.iters, generator=generator, method=self.method, chunk=self.chunk,
+                jvp_mode=self.jvp_mode,
+            )
+            # fp16 at once: P is what dominates memory, and it is stored as fp16 anyway.
+            ps.append(p.half().cpu().numpy())
+            sigmas.append(sigma.double().cpu().numpy())
+        return np.concatenate(ps), np.concatenate(sigmas)
+
+    def records(self, sigma: np.ndarray, ids: np.ndarray, roi: str) -> pd.DataFrame:
+        eig = sigma ** 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            participation = eig.sum(1) ** 2 / (eig ** 2).sum(1)
+        wide = pd.DataFrame({f"sigma_{i + 1}": sigma[:, i] for i in range(sigma.shape[1])})
+        wide["participation_ratio"] = participation
+        wide["image_id"] = ids
+        wide["roi"] = roi
+        return wide.melt(id_vars=["image_id", "roi"], var_name="metric", value_name="value")

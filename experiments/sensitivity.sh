@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Q1 - How sensitive are brain models to small adversarial perturbations? (method.md section 2)
+# Reproduces: sensitivity vs eps per model, and sensitivity vs predictivity across models
+# (the talk's "does adversarial sensitivity discriminate between equally well-predicting models").
+# Runs: every model in MODELS x subjects x ROIs, L2 ladder {0.01 .. 3}, 20-step PGD, 4 random draws.
+# Cost: see `python -m brainrobust.plan sensitivity` for the estimate from measured per-unit costs.
+# Usage: experiments/sensitivity.sh [extra hydra overrides, e.g. data=nsd data.root=/data/nsd]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+MODELS=${MODELS:-tiny_cnn_random,resnet18_random}
+SUBJECTS=${SUBJECTS:-1,2}
+ROIS=${ROIS:-FFA,EBA,PPA}
+$PY run.py --multirun experiment=sensitivity model="$MODELS" subject="$SUBJECTS" roi="$ROIS" "$@"
+$PY -m brainrobust.analysis --root results --out figures/sensitivity --only sensitivity

@@ -1,0 +1,93 @@
+"""The Hydra app composes: groups, overrides, multirun, --help and --cfg job."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from brainrobust.data.rois import ROISpec
+from brainrobust.models.zoo import list_models
+from brainrobust.pipeline import run_identity
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
+GROUPS = ["model", "roi", "subject", "attack", "epsilon", "data", "probe", "logger", "experiment"]
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_required_groups_exist():
+    for group in GROUPS + ["hydra/launcher"]:
+        assert (REPO / "conf" / group).is_dir(), group
+
+
+def test_default_composes_without_deprecation_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        cfg = _compose()
+    assert cfg.subject.id == 1 and list(cfg.roi) == ["FFA"]
+    assert cfg.data.subject == 1 and cfg.attack.norm == cfg.epsilon.norm
+
+
+def test_user_command_composes():
+    cfg = _compose(["model=robust_resnet50_eps3", "roi=FFA"])
+    assert cfg.model.name == "robust_resnet50_eps3" and cfg.model.family == "madry"
+    rois = instantiate(cfg.data.rois)
+    assert isinstance(rois["FFA"], ROISpec) and tuple(rois["FFA"].labels) == ("FFA-1", "FFA-2")
+
+
+def test_several_rois_in_one_encoder():
+    cfg = _compose(["roi=[FFA,EBA,PPA]"])
+    assert sorted(cfg.roi) == ["EBA", "FFA", "PPA"]
+
+
+def test_every_model_and_roi_composes():
+    for name in list_models():
+        assert _compose([f"model={name}"]).model.name == name
+    for roi in ("FFA", "OFA", "EBA", "FBA", "PPA", "OPA", "RSC"):
+        assert _compose([f"roi={roi}"]).roi[roi].name == roi
+
+
+def test_linf_epsilon_switches_the_attack_norm():
+    cfg = _compose(["epsilon=linf"])
+    assert cfg.attack.norm == "linf" and max(cfg.epsilon.values) == pytest.approx(8 / 255)
+
+
+def test_unknown_option_lists_valid_names():
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(["model=resnet_does_not_exist"])
+    assert "resnet50" in str(err.value.__cause__ or err.value) or "Available options" in str(err.value)
+
+
+def test_identity_ignores_paths_and_logger():
+    a = run_identity(_compose(["paths.results_dir=/tmp/a", "logger=none"]))
+    b = run_identity(_compose(["paths.results_dir=/tmp/b"]))
+    assert a == b
+    assert run_identity(_compose(["subject=2"])) != b
+
+
+def _run_py(*args):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_and_cfg_job():
+    out = _run_py("--help")
+    assert out.returncode == 0 and "model:" in out.stdout
+    out = _run_py("model=robust_resnet50_eps3", "roi=FFA", "--cfg", "job")
+    assert out.returncode == 0 and "robust_resnet50_eps3" in out.stdout
+    assert "Deprecat" not in out.stderr
+
+
+def test_multirun_composes():
+    # --cfg job prints the config of each composed job without running anything.
+    out = _run_py("--multirun", "subject=1,2", "roi=FFA,PPA", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("id: 1") >= 1 and out.stdout.count("id: 2") >= 1

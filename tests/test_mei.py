@@ -1,0 +1,155 @@
+"""Maximally exciting images on linear encoders: alignment with the readout, selectivity,
+the parametrisation, the transforms, outputs and bad settings."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+
+from brainrobust.errors import ConfigError
+from brainrobust.probes.base import ProbeContext
+from brainrobust.probes.mei import FourierImage, MEIProbe, optimise_mei, pairwise_cosine, random_affine, spectrum_scale
+from brainrobust.results.store import ResultsStore
+from helpers import LinearEncoder
+
+S = 16
+TRANSFORMS = {"jitter": 1.0, "scale": (0.95, 1.05), "rotate": 5.0}
+
+
+def _smooth_direction(g: torch.Generator) -> torch.Tensor:
+    """A unit readout varying smoothly over the image, as a real model's pixel-space readout does."""
+    low = torch.randn(1, 3, 4, 4, generator=g)
+    w = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False).flatten()
+    return w / w.norm()
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    g = torch.Generator().manual_seed(0)
+    w_a, w_b = _smooth_direction(g), _smooth_direction(g)
+    w_b = w_b - (w_b @ w_a) * w_a  # different ROIs read different (orthogonal) directions
+    w_b = w_b / w_b.norm()
+    W = torch.stack([w_a, 1.1 * w_a, w_b, 0.9 * w_b])
+    return LinearEncoder(W, {"A": [0, 1], "B": [2, 3]}).eval()
+
+
+def _readout(encoder, roi):
+    return encoder.W[encoder.rois[roi]].mean(0)
+
+
+def test_fourier_image_inverts_a_start_image_and_stays_in_range():
+    x = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
+    param = FourierImage(2, S, init=x)
+    assert torch.allclose(param(), x, atol=1e-4)
+    noise = FourierImage(3, S, generator=torch.Generator().manual_seed(2))()
+    assert noise.shape == (3, 3, S, S) and 0 < noise.min() and noise.max() < 1
+    assert (noise - 0.5).abs().max() < 0.1  # a faint noise start is near grey
+    same = FourierImage(3, S, generator=torch.Generator().manual_seed(2))()
+    assert torch.equal(noise, same)
+    scale = spectrum_scale(S, 1.0)
+    assert scale.shape == (S, S // 2 + 1) and scale[0, 0] == S and scale[0, 1] == pytest.approx(S)
+    assert scale[S // 2, S // 2] == pytest.approx(1 / np.sqrt(0.5))
+
+
+def test_random_affine_identity_and_gradient():
+    x = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    same = random_affine(x, 0.0, (1.0, 1.0), 0.0)
+    assert torch.allclose(same, x, atol=1e-5)
+    moved = random_affine(x, 3.0, (0.9, 1.1), 20.0, torch.Generator().manual_seed(4))
+    assert moved.shape == x.shape and (moved - x).abs().mean() > 0.05
+    moved.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_mei_of_a_linear_readout_aligns_with_its_weights(encoder):
+    targets = ["A", "A", "B"]
+    mei, start = optimise_mei(encoder, targets, S, steps=100, generator=torch.Generator().manual_seed(5),
+                              **TRANSFORMS)
+    for b, roi in enumerate(targets):
+        w = _readout(encoder, roi)
+        v = (mei[b] - 0.5).flatten()
+        cos = F.cosine_similarity(v, w, dim=0)
+        # The sigmoid saturates towards sign(w); that image's cosine is the best reachable one.
+        best = F.cosine_similarity(torch.sign(w), w, dim=0)
+        assert cos > 0.85 * best, (roi, float(cos), float(best))
+        assert ((v > 0) == (w > 0)).float().mean() > 0.8  # chance: 0.5
+        assert (mei[b] - start[b]).abs().max() > 0.3  # it moved far from the grey start
+
+
+def test_mei_is_selective_and_the_probe_writes_its_outputs(encoder, tmp_path):
+    store = ResultsStore(tmp_path / "results").run({"t": 1}, {"model": "linear", "subject": 1})
+    g = torch.Generator().manual_seed(6)
+    images = torch.rand(12, 3, S, S, generator=g)
+    ctx = ProbeContext(images=images, image_ids=np.arange(12, dtype=np.int64), responses=np.zeros((12, 4)),
+                       rois=["A", "B"], roi_stats={}, meta={}, store=store, seed=0)
+    probe = MEIProbe(seeds=2, steps=60, transforms=TRANSFORMS)
+    probe.bind(ctx)
+    records = probe.run(encoder, ctx)
+    store.write_records(probe.name, records)
+    back = store.read_records("mei")
+    assert {"target_roi", "seed", "start", "image_id", "roi", "metric", "value"} <= set(back.columns)
+    assert len(back[back.metric == "response"]) == 2 * 2 * 2  # 2 targets x 2 seeds x every ROI
+    change = back[back.metric == "response_change"].pivot_table(index=["target_roi", "seed"], columns="roi",
+                                                                  values="value")
+    # Selectivity: each ROI's MEI raises that ROI more than the other one.
+    assert (change.loc["A"]["A"] > change.loc["A"]["B"] + 1.0).all()
+    assert (change.loc["B"]["B"] > change.loc["B"]["A"] + 1.0).all()
+    z = back[back.metric == "response_z"].groupby(["target_roi", "roi"])["value"].mean()
+    assert z["A", "A"] > 3 and z["B", "B"] > 3  # far above every test image
+    assert set(back[back.roi.isna()].metric) == {"l2", "linf", "psnr", "ssim"}
+    summary = probe.summary(records)
+    assert summary["mei/A/z_target"] > summary["mei/A/z_others"]
+
+    arrays = store.load_array("mei_A")
+    assert arrays["images"].shape == (2, 3, S, S) and arrays["responses"].shape == (2, 2)
+    assert str(arrays["target_roi"]) == "A" and list(arrays["rois"]) == ["A", "B"]
+    grid = Image.open(store.dir / "media" / "mei_grid.png")
+    assert grid.format == "PNG" and grid.size[0] > 100
+
+
+def test_mei_from_natural_images_starts_at_them(encoder, tmp_path):
+    store = ResultsStore(tmp_path / "results").run({"t": 2}, {"model": "linear", "subject": 1})
+    images = 0.1 + 0.8 * torch.rand(6, 3, S, S, generator=torch.Generator().manual_seed(7))
+    ctx = ProbeContext(images=images, image_ids=np.arange(50, 56, dtype=np.int64), responses=np.zeros((6, 4)),
+                       rois=["A", "B"], roi_stats={}, meta={}, store=store, seed=0)
+    probe = MEIProbe(rois=["A"], start={"select": "first", "n": 2}, steps=20, save_media=False)
+    probe.bind(ctx)
+    records = probe.run(encoder, ctx)
+    arrays = store.load_array("mei_A")
+    assert arrays["image_id"].tolist() == [50, 51]
+    assert np.allclose(arrays["start_images"], images[:2].numpy(), atol=2e-3)  # fp16 storage
+    assert set(records.start) == {"image"}
+    up = records[(records.metric == "response_change") & (records.roi == "A")]["value"]
+    assert (up > 0).all()
+
+
+def test_diversity_term_spreads_the_seeds(encoder):
+    def spread(weight):
+        mei, _ = optimise_mei(encoder, ["A"] * 3, S, steps=30, diversity=weight, decay_power=0.0,
+                              generator=torch.Generator().manual_seed(8))
+        return float(pairwise_cosine(mei, torch.zeros(3)))
+
+    assert spread(50.0) < spread(0.0) - 0.5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"seeds": 0}, "seeds"), ({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"),
+    ({"transforms": {"shear": 1}}, "unknown"), ({"transforms": {"scale": [1.2, 0.8]}}, "scale"),
+    ({"start": {"select": "middle"}}, "select"), ({"diversity": -1.0}, "diversity"),
+])
+def test_bad_settings_are_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        MEIProbe(**kwargs)
+
+
+def test_config_builds_the_probe():
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=targeted", "probe=[mei]"])
+    probe = instantiate(cfg.probe.mei, _convert_="all")
+    assert isinstance(probe, MEIProbe) and probe.start is None and probe.scale == (0.9, 1.1)

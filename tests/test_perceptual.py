@@ -1,0 +1,104 @@
+"""Perceptual measures: known answers, identities, and SSIM against independent references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from brainrobust.analysis.perceptual import l2, linf, perceptual_measures, psnr, ssim
+from brainrobust.errors import ConfigError
+
+
+def _images(n: int = 3, size: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.interpolate(torch.rand(n, 3, 6, 6, generator=g), size=(size, size),
+                                           mode="bilinear", align_corners=False)
+    return (base + 0.05 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
+
+
+def _ssim_scipy(a: np.ndarray, b: np.ndarray) -> float:
+    """Wang et al. SSIM with scipy's Gaussian filter (truncate 3.5 -> 11 taps), valid region."""
+    c1, c2, pad = 0.01**2, 0.03**2, 5
+    vals = []
+    for ch in range(a.shape[0]):
+        x, y = a[ch], b[ch]
+
+        def f(t):
+            return gaussian_filter(t, sigma=1.5, truncate=3.5)
+
+        mx, my = f(x), f(y)
+        vx, vy, cxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        vals.append(s[pad:-pad, pad:-pad].mean())
+    return float(np.mean(vals))
+
+
+def test_identity_gives_perfect_scores():
+    x = _images()
+    m = perceptual_measures(x, x.clone())
+    assert torch.equal(m["l2"], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(m["linf"], torch.zeros(3, dtype=torch.float64))
+    assert torch.all(torch.isinf(m["psnr"])) and torch.all(m["psnr"] > 0)
+    assert torch.allclose(m["ssim"], torch.ones(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_constant_shift_known_answers():
+    size = 16
+    x0 = torch.full((2, 3, size, size), 0.5)
+    x = x0 + 0.1
+    assert torch.allclose(linf(x, x0), torch.full((2,), 0.1, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(l2(x, x0), torch.full((2,), 0.1 * math.sqrt(3 * size * size), dtype=torch.float64),
+                          atol=1e-5)
+    assert torch.allclose(psnr(x, x0), torch.full((2,), 20.0, dtype=torch.float64), atol=1e-4)
+    # Flat images: variances and covariance vanish, only the luminance term remains.
+    c1 = 0.01**2
+    expected = (2 * 0.6 * 0.5 + c1) / (0.6**2 + 0.5**2 + c1)
+    assert torch.allclose(ssim(x, x0), torch.full((2,), expected, dtype=torch.float64), atol=1e-6)
+
+
+def test_mixed_batch_psnr_is_finite_where_images_differ():
+    x0 = _images(2)
+    x = x0.clone()
+    x[1] = (x[1] + 0.05).clamp(0, 1)
+    p = psnr(x, x0)
+    assert math.isinf(p[0]) and math.isfinite(p[1]) and 20 < p[1] < 40
+
+
+def test_ssim_matches_scipy_reference_and_is_symmetric():
+    x0 = _images(seed=1)
+    x = (x0 + 0.08 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    ours = ssim(x, x0)
+    ref = [_ssim_scipy(x[i].double().numpy(), x0[i].double().numpy()) for i in range(len(x))]
+    assert np.allclose(ours.numpy(), ref, atol=1e-6)
+    assert torch.allclose(ours, ssim(x0, x), atol=1e-12)
+    assert torch.all(ours < 0.99)
+
+
+def test_ssim_matches_skimage():
+    metrics = pytest.importorskip("skimage.metrics")
+    x0 = _images(seed=3)
+    x = (x0 + 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
+    ours = ssim(x, x0).numpy()
+    ref = [metrics.structural_similarity(x[i].double().numpy(), x0[i].double().numpy(), channel_axis=0,
+                                         gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                         data_range=1.0) for i in range(len(x))]
+    assert np.allclose(ours, ref, atol=1e-6)
+
+
+def test_ssim_and_psnr_fall_as_noise_grows():
+    x0 = _images(1, seed=5)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(6))
+    levels = [0.01, 0.03, 0.1, 0.3]
+    s = [float(ssim((x0 + a * noise).clamp(0, 1), x0)) for a in levels]
+    p = [float(psnr((x0 + a * noise).clamp(0, 1), x0)) for a in levels]
+    assert all(a > b for a, b in zip(s, s[1:]))
+    assert all(a > b for a, b in zip(p, p[1:]))
+
+
+def test_bad_shapes_raise_config_error():
+    with pytest.raises(ConfigError, match="one shape"):
+        l2(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ConfigError, match="at least 11 px"):
+        ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))

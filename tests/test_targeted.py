@@ -1,0 +1,245 @@
+"""Targeted probe on the known-answer linear encoder: direction, monotonicity, held ROIs,
+budgets, records, arrays and media, start-image selection and bad input."""
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+
+from brainrobust.errors import ConfigError, DataError
+from brainrobust.probes.base import ProbeContext
+from brainrobust.probes.image_selection import ImageSelection, load_image_files
+from brainrobust.probes.targeted import TargetedProbe
+from brainrobust.results.store import ResultsStore
+from helpers import LinearEncoder
+
+S = 16
+D = 3 * S * S
+SCHEDULE = [0.5, 1.0, 2.0, 4.0]
+ATTACK = {"steps": 32, "step_size": 0.1, "random_start": False}
+
+
+def _unit(v):
+    return v / v.norm()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """ROIs A, B, C: B's readout has cosine 0.7 with A's, C is an independent direction."""
+    g = torch.Generator().manual_seed(0)
+    w_a = _unit(torch.randn(D, generator=g))
+    w_c = _unit(torch.randn(D, generator=g))
+    u = torch.randn(D, generator=g)
+    u = _unit(u - (u @ w_a) * w_a)
+    w_b = 0.7 * w_a + np.sqrt(1 - 0.49) * u
+    W = torch.stack([w_a, w_a, w_b, w_b, w_c, w_c])
+    encoder = LinearEncoder(W, {"A": [0, 1], "B": [2, 3], "C": [4, 5]}).eval()
+    images = 0.3 + 0.4 * torch.rand(8, 3, S, S, generator=g)  # far from the box at these budgets
+    return encoder, images, {"A": w_a, "B": w_b, "C": w_c}
+
+
+def _context(tmp_path, encoder, images, responses=None):
+    store = ResultsStore(tmp_path / "results").run({"test": str(tmp_path)}, {"model": "linear", "subject": 1})
+    n = len(images)
+    return ProbeContext(
+        images=images, image_ids=np.arange(100, 100 + n, dtype=np.int64),
+        responses=responses if responses is not None else np.zeros((n, 6)),
+        rois=sorted(encoder.rois), roi_stats={r: {"test_sd": 0.5, "noise_ceiling": 40.0} for r in encoder.rois},
+        meta={"model": "linear"}, store=store, seed=0,
+    )
+
+
+def _probe(**kw):
+    settings = dict(roi="A", direction="increase", eps_schedule=SCHEDULE, attack=ATTACK,
+                    images={"select": "first", "n": 3}, save_media=False)
+    return TargetedProbe(**{**settings, **kw})
+
+
+@pytest.mark.parametrize("direction", ["increase", "decrease"])
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_drives_roi_monotonically_to_the_linear_optimum(setup, direction, warm_start):
+    encoder, images, w = setup
+    x = images[:3]
+    delta = _probe(direction=direction, warm_start=warm_start).trajectory(encoder, x)
+    assert delta.shape == (len(SCHEDULE), 3, 3, S, S)
+    with torch.no_grad():
+        change = torch.stack([encoder.roi_response(x + d, "A") - encoder.roi_response(x, "A") for d in delta])
+    sign = 1.0 if direction == "increase" else -1.0
+    moved = sign * change  # (E, B)
+    assert torch.all(moved[1:] > moved[:-1])
+    # Unclamped L2 optimum of a linear ROI: eps * ||w_A|| (= eps here); PGD reaches 99 % of it.
+    optimum = torch.tensor(SCHEDULE)[:, None] * w["A"].norm()
+    assert torch.all(moved >= 0.99 * optimum) and torch.all(moved <= optimum + 1e-4)
+    norms = delta.flatten(2).norm(dim=2)
+    assert torch.all(norms <= torch.tensor(SCHEDULE)[:, None] + 1e-6)
+    assert (x + delta).min() >= 0 and (x + delta).max() <= 1
+
+
+def test_linf_schedule_reaches_eps_times_l1_norm(setup):
+    encoder, images, w = setup
+    x = images[:2]
+    schedule = [1 / 255, 2 / 255, 4 / 255]
+    delta = _probe(norm="linf", eps_schedule=schedule).trajectory(encoder, x)
+    with torch.no_grad():
+        change = torch.stack([encoder.roi_response(x + d, "A") - encoder.roi_response(x, "A") for d in delta])
+    optimum = torch.tensor(schedule)[:, None] * w["A"].abs().sum()
+    assert torch.all(change[1:] > change[:-1]) and torch.all(change >= 0.99 * optimum)
+    assert torch.all(delta.abs().flatten(2).amax(2) <= torch.tensor(schedule)[:, None] + 1e-7)
+
+
+def test_held_roi_stays_within_tolerance(setup):
+    encoder, images, w = setup
+    x = images[:3]
+
+    def changes(hold):
+        delta = _probe(hold=hold).trajectory(encoder, x)
+        with torch.no_grad():
+            return {roi: torch.stack([encoder.roi_response(x + d, roi) - encoder.roi_response(x, roi) for d in delta])
+                    for roi in ("A", "B")}
+
+    free, held = changes({}), changes({"B": 10.0})
+    # Unheld, B follows A (cosine 0.7); held, B barely moves while A still rises.
+    assert torch.all(free["B"] > 0.6 * free["A"])
+    assert torch.all(held["B"].abs() <= 0.1 * held["A"]) and torch.all(held["B"].abs() < 0.1)
+    assert torch.all(held["A"][1:] > held["A"][:-1])
+    # The best A can do with B fixed is eps * sqrt(1 - 0.7^2).
+    assert torch.all(held["A"] >= 0.95 * np.sqrt(1 - 0.49) * torch.tensor(SCHEDULE)[:, None])
+
+
+def test_run_writes_records_arrays_and_media(setup, tmp_path):
+    encoder, images, _ = setup
+    ctx = _context(tmp_path, encoder, images)
+    probe = _probe(images={"select": "top", "n": 2}, save_media=True, hold={"C": 1.0})
+    probe.bind(ctx)
+    records = probe.run(encoder, ctx)
+    path = ctx.store.write_records(probe.name, records)
+    back = ctx.store.read_records("targeted")
+    assert path.exists() and len(back) == len(records)
+    assert {"image_id", "roi", "eps", "metric", "value", "driven_roi", "direction", "hold"} <= set(back.columns)
+    assert set(back.metric) == {"response", "response_change", "response_change_sd", "l2", "linf", "psnr", "ssim"}
+    resp = back[back.metric == "response_change"]
+    assert set(resp.roi) == {"A", "B", "C"} and sorted(resp.eps.unique()) == [0.0, *SCHEDULE]
+    # Two images x (start + 4 eps) x 3 ROIs x 3 response metrics + 2 x 4 eps x 4 perceptual.
+    assert len(back) == 2 * 5 * 3 * 3 + 2 * 4 * 4
+    drive = resp[resp.roi == "A"].groupby("eps")["value"].mean()
+    assert drive.is_monotonic_increasing and drive.iloc[0] == 0
+    sd = back[(back.metric == "response_change_sd") & (back.roi == "A")].groupby("eps")["value"].mean()
+    assert np.allclose(sd.values, drive.values / 0.5)
+    l2 = back[back.metric == "l2"].groupby("eps")["value"].max()
+    assert np.all(l2.values <= np.array(SCHEDULE) + 1e-3)  # fp16-free: computed before saving
+    assert (back[back.metric == "ssim"].value < 1).all() and np.isfinite(back[back.metric == "psnr"].value).all()
+
+    arrays = ctx.store.load_array("targeted_A_increase")
+    assert arrays["images"].shape == (2, 5, 3, S, S) and arrays["images"].dtype == np.float16
+    assert arrays["delta"].shape == (2, 4, 3, S, S) and arrays["responses"].shape == (2, 5, 3)
+    assert list(arrays["rois"]) == ["A", "B", "C"] and str(arrays["driven_roi"]) == "A"
+    # top-2 by the model's own prediction of A
+    with torch.no_grad():
+        top = np.argsort(-encoder.roi_response(images, "A").numpy())[:2]
+    assert arrays["image_id"].tolist() == (100 + top).tolist()
+
+    media = ctx.store.dir / "media"
+    for image_id in arrays["image_id"]:
+        stem = f"targeted_A_increase_nsd{image_id}"
+        video = iio.imread(media / f"{stem}.mp4", plugin="FFMPEG", index=None)
+        assert video.shape[0] == 5
+        assert Image.open(media / f"{stem}_strip.png").size == (5 * S + 4 * 2, S)
+        assert Image.open(media / f"{stem}_responses.png").format == "PNG"
+    assert probe.summary(records)["targeted/increase_A/change_A"] > 3.9
+
+
+def test_selection_by_measured_and_bottom(setup, tmp_path):
+    encoder, images, _ = setup
+    measured = np.zeros((len(images), 6))
+    measured[:, 2:4] = np.arange(len(images))[:, None]  # B's voxels: image 7 highest
+    ids = np.arange(100, 108)
+    sel = ImageSelection.parse({"select": "top", "n": 2, "by": "measured"}, "t")
+    _, got, _ = sel.resolve(encoder, images, ids, "B", measured)
+    assert got.tolist() == [107, 106]
+    sel = ImageSelection.parse({"select": "bottom", "n": 3}, "t")
+    _, got, _ = sel.resolve(encoder, images, ids, "C")
+    with torch.no_grad():
+        expected = 100 + np.argsort(encoder.roi_response(images, "C").numpy())[:3]
+    assert got.tolist() == expected.tolist()
+
+
+def test_image_files_are_loaded_cropped_and_resized(setup, tmp_path):
+    encoder, images, _ = setup
+    rng = np.random.default_rng(0)
+    a = tmp_path / "face.png"
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(a)
+    b = tmp_path / "grey.jpg"
+    Image.fromarray(np.full((20, 20), 128, dtype=np.uint8), mode="L").save(b)
+    c = tmp_path / "palette.gif"
+    Image.fromarray(rng.integers(0, 255, (S, S, 3), dtype=np.uint8)).convert("P").save(c)
+    x = load_image_files([a, b, c], S)
+    assert x.shape == (3, 3, S, S) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.allclose(x[1], torch.full((3, S, S), 128 / 255), atol=2 / 255)
+
+    ctx = _context(tmp_path, encoder, images)
+    probe = _probe(images=[str(a), str(b)], save_media=True, eps_schedule=[0.5, 1.0])
+    probe.bind(ctx)
+    records = probe.run(encoder, ctx)
+    assert sorted(records.image_id.unique()) == [-2, -1]
+    arrays = ctx.store.load_array("targeted_A_increase")
+    assert list(arrays["files"]) == [str(a), str(b)]
+    assert (ctx.store.dir / "media" / "targeted_A_increase_face_strip.png").exists()
+
+
+def test_bad_image_files_raise_data_error_naming_the_file(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(DataError, match="notes.png"):
+        load_image_files([text], S)
+    deep = tmp_path / "deep16.png"
+    Image.fromarray(np.full((S, S), 40000, dtype=np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    with pytest.raises(DataError, match=r"deep16.png.*16-bit"):
+        load_image_files([deep], S)
+    truncated = tmp_path / "cut.png"
+    full = tmp_path / "full.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8) + 7).save(full)
+    truncated.write_bytes(full.read_bytes()[:60])
+    with pytest.raises(DataError, match="cut.png"):
+        load_image_files([truncated], S)
+    with pytest.raises(DataError, match="missing.png"):
+        load_image_files([tmp_path / "missing.png"], S)
+
+
+@pytest.mark.parametrize("schedule", [[1.0, 1.0, 2.0], [2.0, 1.0], [0.5, -1.0], [0.0, 1.0], [float("nan")], []])
+def test_bad_eps_schedule_is_a_config_error(schedule):
+    with pytest.raises(ConfigError, match="eps"):
+        _probe(eps_schedule=schedule)
+
+
+def test_other_bad_settings_are_config_errors(setup, tmp_path):
+    encoder, images, _ = setup
+    with pytest.raises(ConfigError, match="direction"):
+        _probe(direction="up")
+    with pytest.raises(ConfigError, match="driven ROI"):
+        _probe(hold={"A": 1.0})
+    with pytest.raises(ConfigError, match="hold weights"):
+        _probe(hold={"B": -1.0})
+    with pytest.raises(ConfigError, match="disagrees"):
+        _probe(attack={**ATTACK, "norm": "linf"})
+    with pytest.raises(ConfigError, match="select"):
+        _probe(images={"select": "best", "n": 2})
+    with pytest.raises(ConfigError, match="n must be"):
+        _probe(images={"select": "top", "n": 0})
+    with pytest.raises(ConfigError, match="not in this encoder"):
+        _probe(roi="FFA").bind(_context(tmp_path, encoder, images))
+
+
+def test_config_builds_the_probe():
+    conf = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=targeted", "probe.targeted.roi=EBA",
+                                           "probe.targeted.direction=increase", "+probe.targeted.hold.FFA=10"])
+    assert sorted(cfg.roi) == ["EBA", "FFA", "PPA"]
+    probe = instantiate(cfg.probe.targeted, _convert_="all")
+    assert isinstance(probe, TargetedProbe)
+    assert probe.roi == "EBA" and probe.hold == {"FFA": 10.0} and probe.attack.norm == "l2"
+    assert probe.images == ImageSelection(select="top", n=4, by="measured")

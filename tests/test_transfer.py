@@ -1,0 +1,227 @@
+"""Transfer probe: stored perturbations of source runs applied to target encoders, end to end
+through the real SensitivityProbe / EffectMatchedProbe files in a ResultsStore."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import LinearEncoder
+
+from brainrobust.analysis.transfer import transfer_matrix
+from brainrobust.errors import ConfigError, DataError
+from brainrobust.probes.attack import PGDConfig
+from brainrobust.probes.base import ProbeContext
+from brainrobust.probes.effect_matched import EffectMatchedProbe
+from brainrobust.probes.sensitivity import SensitivityProbe
+from brainrobust.probes.transfer import TransferProbe
+from brainrobust.results.store import ResultsStore, load
+
+S = 16
+D = 3 * S * S
+ROIS = {"FFA": [0, 1], "PPA": [2, 3]}
+IDS = np.arange(100, 106)
+EPS = [0.1, 0.3]
+# From delta = 0 the linear model's optimum is reached exactly; a random start would leave an
+# orthogonal remainder that leaks into the orthogonal encoder.
+ATTACK = PGDConfig(norm="l2", steps=20, random_start=False)
+DATA = {"layout": "nsd", "root": "/data/nsd", "image_size": S, "synthetic": None}
+
+
+def _images(n=len(IDS), size=S, seed=0):
+    # Mid-grey images and small eps: x + delta never reaches the box, so nothing is clipped.
+    gen = torch.Generator().manual_seed(seed)
+    return 0.5 + 0.1 * (torch.rand(n, 3, size, size, generator=gen) - 0.5)
+
+
+def _readout(seed, orthogonal_to=None):
+    """(4, D) weights; with `orthogonal_to`, every row is orthogonal to those directions."""
+    W = torch.randn(4, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if orthogonal_to is not None:
+        q, _ = torch.linalg.qr(orthogonal_to.T)
+        W = W - (W @ q) @ q.T
+    return W.float()
+
+
+def _roi_directions(W):
+    return torch.stack([W[cols].mean(0) for cols in ROIS.values()]).double()
+
+
+def _encoder(W, model):
+    enc = LinearEncoder(W, ROIS).eval()
+    enc.meta = {"model": model, "layer": "pixels", "subject": 1}
+    return enc
+
+
+def _context(store, model, subject=1, identity_extra=None, images=None, ids=IDS, data=DATA):
+    columns = {"model": model, "layer": "pixels", "subject": subject, "rois": "FFA,PPA", "seed": 0}
+    identity = {"model": model, "subject": subject, "data": data, **(identity_extra or {})}
+    run = store.run(identity, columns)
+    images = _images() if images is None else images
+    return ProbeContext(
+        images=images, image_ids=np.asarray(ids, dtype=np.int64),
+        responses=np.zeros((len(ids), 4)), rois=sorted(ROIS),
+        roi_stats={r: {"test_sd": 1.0, "noise_ceiling": 50.0} for r in ROIS},
+        meta=columns, store=run, seed=0,
+    )
+
+
+def _run(probe, encoder, ctx):
+    """What Probe.on_test_end does, without a Trainer."""
+    probe.bind(ctx)
+    records = probe.run(encoder, ctx)
+    ctx.store.write_records(probe.name, records)
+    return records
+
+
+def _sensitivity(save=True):
+    return SensitivityProbe(attack=ATTACK, eps=EPS, random_draws=2, save_perturbations=save)
+
+
+def _transfer(**kw):
+    return TransferProbe(**{"random_draws": 3, "norm": "l2", **kw})
+
+
+def _wide(records):
+    return records.pivot_table(index=["source_model", "image_id", "eps", "roi"], columns="metric",
+                               values="value")
+
+
+def test_identical_encoders_transfer_fully_orthogonal_readouts_not_at_all(tmp_path):
+    store = ResultsStore(tmp_path)
+    W_a = _readout(0)
+    W_c = _readout(1, orthogonal_to=_roi_directions(W_a))
+    cosine = torch.nn.functional.cosine_similarity(_roi_directions(W_c), _roi_directions(W_a))
+    assert cosine.abs().max() < 1e-5
+    enc_a, enc_b, enc_c = _encoder(W_a, "A"), _encoder(W_a.clone(), "B"), _encoder(W_c, "C")
+    sens = {"experiment_name": "sensitivity"}
+    ctx_a = _context(store, "A", identity_extra=sens)
+    ctx_c = _context(store, "C", identity_extra=sens)
+    _run(_sensitivity(), enc_a, ctx_a)
+    _run(_sensitivity(), enc_c, ctx_c)
+
+    # B is a run of its own (stage 2); A and C run the transfer probe inside the source run itself.
+    ctx_b = _context(store, "B", identity_extra={"experiment_name": "transfer"})
+    out_b = _wide(_run(_transfer(sources=[{"experiment_name": "sensitivity"}]), enc_b, ctx_b))
+    out_a = _wide(_run(_transfer(), enc_a, ctx_a))
+
+    # Identical encoders: the target moves exactly as the source did (up to the fp16 storage).
+    for out in (out_b.loc["A"], out_a.loc["A"]):
+        np.testing.assert_allclose(out["ratio"], 1.0, atol=1e-3)
+        np.testing.assert_allclose(out["target_change"], out["source_change"], rtol=1e-3)
+        assert (out["abs_source_change"] > 0.01).all()
+    # Orthogonal readouts: a perturbation along A's ROI direction does nothing to C and back.
+    assert out_b.loc["C"]["ratio"].abs().max() < 1e-2
+    assert out_a.loc["C"]["ratio"].abs().max() < 1e-2
+    # The random control of the same norm moves a linear ROI by ~ ||w|| eps / sqrt(D): small.
+    assert out_b.loc["A"]["random_ratio"].mean() < 0.15
+    np.testing.assert_allclose(out_b.loc["A"]["delta_norm"].groupby("eps").mean(), EPS, rtol=1e-3)
+
+    merged = load(tmp_path, probe="transfer")
+    assert {"source_run", "source_subject", "target_model", "target_subject", "kind"} <= set(merged.columns)
+    assert set(merged.source_run) == {ctx_a.store.key, ctx_c.store.key}
+    assert set(zip(merged.target_model, merged.source_model)) == {
+        ("A", "A"), ("A", "C"), ("B", "A"), ("B", "C")}
+
+    ratio = transfer_matrix(tmp_path, "FFA", eps=0.3)
+    assert list(ratio.index) == ["A", "C"] and list(ratio.columns) == ["A", "B"]
+    np.testing.assert_allclose(ratio.loc["A"].to_numpy(), 1.0, atol=1e-3)
+    np.testing.assert_allclose(ratio.loc["C"].to_numpy(), 0.0, atol=1e-2)
+    control = transfer_matrix(tmp_path, "FFA", eps=0.3, control=True)
+    assert (control.loc["A"] < 0.15).all() and (control.loc["A"] > 0).all()
+    normalised = transfer_matrix(tmp_path, "FFA", eps=0.3, normalise_by_random=True)
+    assert (normalised.loc["A"] > 5).all()
+    by_subject = transfer_matrix(tmp_path, "PPA", eps=0.1, value="abs_change", by="model_subject")
+    assert list(by_subject.columns) == ["A/s1", "B/s1"]
+    with pytest.raises(ConfigError, match="several eps"):
+        transfer_matrix(tmp_path, "FFA")
+
+
+def test_effect_matched_perturbations_transfer(tmp_path):
+    store = ResultsStore(tmp_path)
+    W = _readout(0)
+    em = EffectMatchedProbe(attack=ATTACK, effect={"kind": "absolute", "value": 0.2},
+                            eps_min=0.01, eps_max=0.5, rel_tol=0.01, rois=["FFA"])
+    source = _context(store, "A", identity_extra={"experiment_name": "effect_matched"})
+    _run(em, _encoder(W, "A"), source)
+    target = _context(store, "B", identity_extra={"experiment_name": "transfer"})
+    probe = _transfer(kind="effect_matched", sources=[{"experiment_name": "effect_matched"}],
+                      rois=["FFA"])
+    out = _wide(_run(probe, _encoder(W.clone(), "B"), target)).loc["A"]
+    np.testing.assert_allclose(out["ratio"], 1.0, atol=1e-3)
+    assert (out["abs_source_change"] >= 0.2).all()
+    found = source.store.load_array("effect_matched_FFA_l2")["eps"]
+    np.testing.assert_allclose(np.sort(out.reset_index()["eps"]), np.sort(found), rtol=1e-3)
+    matrix = transfer_matrix(tmp_path, "FFA", kind="effect_matched")
+    assert matrix.loc["A", "B"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_missing_source_perturbations_name_the_run_and_the_command(tmp_path):
+    store = ResultsStore(tmp_path)
+    W = _readout(0)
+    empty = _context(store, "A", identity_extra={"experiment_name": "sensitivity"})
+    _run(_sensitivity(save=False), _encoder(W, "A"), empty)
+    target = _context(store, "B")
+    with pytest.raises(DataError) as err:
+        _run(_transfer(sources=[{"model": "A", "subject": 1}]), _encoder(W, "B"), target)
+    message = str(err.value)
+    assert "no stored perturbations for model=A subject=1 roi=FFA norm=l2" in message
+    assert empty.store.key in message
+    assert "`python run.py model=A subject=1 roi=FFA probe=[sensitivity]`" in message
+    with pytest.raises(DataError, match=r"model=Z .*python run.py model=Z roi=FFA"):
+        _run(_transfer(sources=[{"model": "Z"}]), _encoder(W, "B"), target)
+
+    # Perturbations saved but the records never written (a killed source run): named, not used.
+    killed = _context(store, "K", identity_extra={"experiment_name": "sensitivity"})
+    interrupted = _sensitivity()
+    interrupted.bind(killed)
+    interrupted.run(_encoder(W, "K"), killed)
+    with pytest.raises(DataError, match=f"run {killed.store.key} .*no sensitivity records"):
+        _run(_transfer(sources=[{"model": "K"}]), _encoder(W, "B"), target)
+
+
+def test_sources_of_other_stimuli_are_not_applied(tmp_path):
+    store = ResultsStore(tmp_path)
+    W = _readout(0)
+    other = _context(store, "A", data={**DATA, "root": "/elsewhere"})
+    _run(_sensitivity(), _encoder(W, "A"), other)
+    with pytest.raises(DataError, match="1 run.s. hold it for other stimuli"):
+        _run(_transfer(), _encoder(W, "B"), _context(store, "B"))
+
+
+def test_image_size_mismatch_is_a_config_error(tmp_path):
+    store = ResultsStore(tmp_path)
+    _run(_sensitivity(), _encoder(_readout(0), "A"), _context(store, "A"))
+    small = 8
+    W_small = torch.randn(4, 3 * small * small, generator=torch.Generator().manual_seed(3))
+    target = _context(store, "B", images=_images(size=small), data={**DATA, "image_size": small})
+    with pytest.raises(ConfigError, match="canonical stimulus size.*data.image_size"):
+        _run(_transfer(), _encoder(W_small, "B"), target)
+
+
+def test_disjoint_images_and_duplicate_sources_are_refused(tmp_path):
+    store = ResultsStore(tmp_path)
+    W = _readout(0)
+    _run(_sensitivity(), _encoder(W, "A"), _context(store, "A"))
+    disjoint = _context(store, "B", ids=IDS + 1000)
+    with pytest.raises(DataError, match="shares no test image ids"):
+        _run(_transfer(), _encoder(W, "B"), disjoint)
+    # A second run of the same encoder (another attack) would be averaged into the same cell.
+    _run(_sensitivity(), _encoder(W, "A"), _context(store, "A", identity_extra={"attack": "strong"}))
+    with pytest.raises(ConfigError, match="both hold perturbations_FFA_l2 for model=A"):
+        _run(_transfer(), _encoder(W, "B"), _context(store, "B"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kind": "fixed"}, "transfer.kind"),
+    ({"sources": "some"}, "transfer.sources"),
+    ({"sources": [1]}, "transfer.sources"),
+    ({"norm": "l1"}, "transfer.norm"),
+    ({"random_draws": 0}, "random_draws"),
+])
+def test_bad_settings_are_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        TransferProbe(**kwargs)
+
+
+def test_matrix_reports_missing_records(tmp_path):
+    with pytest.raises(DataError, match="no records of probe 'transfer'"):
+        transfer_matrix(tmp_path, "FFA")
