@@ -26,6 +26,8 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if cfg.dry_run:
+        return
     if cfg.print_table:
         print(summary_table(store).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"records: {store.records_dir}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ from sklearn.linear_model import RidgeCV
 from brainrobust.models.readout import DEFAULT_ALPHAS, fit_ridge, pearson_r
 
 
-def planted(n: int, p: int, n_voxels: int, rank: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def planted(
+    n: int, p: int, n_voxels: int, rank: int = 64, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """X (n, p) float32 with correlated columns, Y (n, V) float32 with per-voxel SNR."""
     rng = np.random.default_rng(seed)
     latent = rng.standard_normal((n, p), dtype=np.float32)
@@ -36,7 +38,11 @@ def planted(n: int, p: int, n_voxels: int, rank: int = 64, seed: int = 0) -> tup
     r2 = rng.uniform(0.0, 0.5, n_voxels).astype(np.float32)
     r2[rng.random(n_voxels) < 0.1] = 0.0
     noise = rng.standard_normal((n, n_voxels), dtype=np.float32)
-    Y = np.sqrt(r2) * signal + np.sqrt(1 - r2) * noise + rng.standard_normal(n_voxels, dtype=np.float32)
+    Y = (
+        np.sqrt(r2) * signal
+        + np.sqrt(1 - r2) * noise
+        + rng.standard_normal(n_voxels, dtype=np.float32)
+    )
     return X.astype(np.float32), Y.astype(np.float32)
 
 
@@ -45,7 +51,9 @@ def sklearn_fit(X: np.ndarray, Y: np.ndarray) -> Callable[[np.ndarray], np.ndarr
     return model.predict
 
 
-def ours(method: str, **kwargs) -> Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+def ours(
+    method: str, **kwargs
+) -> Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
     def fit(X: np.ndarray, Y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         result = fit_ridge(X, Y, alphas=DEFAULT_ALPHAS, method=method, **kwargs)
         return lambda x: x @ result.weights + result.intercept
@@ -56,7 +64,13 @@ def ours(method: str, **kwargs) -> Callable[[np.ndarray, np.ndarray], Callable[[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2,000 x 512 features, 500 voxels")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["loo", "kfold", "himalaya"], help="peers to leave out")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["loo", "kfold", "himalaya"],
+        help="peers to leave out",
+    )
     args = parser.parse_args()
     n_train, p, n_voxels = (2_000, 512, 500) if args.quick else (10_000, 2_048, 3_000)
     n_test = n_train // 5
@@ -71,8 +85,10 @@ def main() -> None:
         "ours kfold (cv=5)": ours("kfold", cv=5),
         "himalaya RidgeCV (cv=5, numpy)": ours("himalaya", cv=5),
     }
-    print(f"ridge: {n_train} x {p} train, {n_test} test, {n_voxels} voxels, {len(DEFAULT_ALPHAS)} alphas, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"ridge: {n_train} x {p} train, {n_test} test, {n_voxels} voxels, {len(DEFAULT_ALPHAS)} alphas, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     rows = []
     for label, fit in methods.items():
         if any(skipped in label for skipped in args.skip):
@@ -89,7 +105,9 @@ def main() -> None:
     print("| method | seconds | speed-up vs sklearn | mean test r | r - sklearn r |")
     print("|---|---|---|---|---|")
     for label, seconds, r in rows:
-        print(f"| {label} | {seconds:.2f} | {base_s / seconds:.2f}x | {r:.4f} | {r - base_r:+.4f} |")
+        print(
+            f"| {label} | {seconds:.2f} | {base_s / seconds:.2f}x | {r:.4f} | {r - base_r:+.4f} |"
+        )
 
 
 if __name__ == "__main__":

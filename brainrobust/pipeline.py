@@ -37,14 +37,20 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     return plain
 
 
-def key_columns(cfg: DictConfig, datamodule: BrainDataModule) -> dict[str, Any]:
+def key_columns(cfg: DictConfig) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
         "layer": cfg.model.layer,
-        "subject": int(cfg.subject.id),
-        "rois": ",".join(sorted(datamodule.rois)),
+        "subject": int(cfg.subject),
+        "rois": ",".join(sorted(cfg.roi)),
         "seed": int(cfg.seed),
     }
+
+
+def check_subject(cfg: DictConfig) -> None:
+    subject = cfg.subject
+    if isinstance(subject, bool) or not isinstance(subject, int) or not 1 <= subject <= 8:
+        raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, logger: Any = False) -> L.Trainer:
@@ -120,23 +126,31 @@ def build_probes(cfg: DictConfig) -> list[Probe]:
 
 
 def run(cfg: DictConfig) -> RunStore:
+    check_subject(cfg)
+    columns = key_columns(cfg)
+    store = ResultsStore(cfg.paths.results_dir).run(run_identity(cfg), columns)
+    if cfg.dry_run:
+        state = "complete" if store.is_complete() else "to run"
+        print(f"run {store.key} ({state}): " + " ".join(f"{k}={v}" for k, v in columns.items()))
+        return store
+    if store.is_complete() and not cfg.force:
+        log.info("run %s is complete (%s): skipped; pass force=true to redo it", store.key, store.dir)
+        return store
+
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     probes = build_probes(cfg)
     dm: BrainDataModule = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup()
 
-    columns = key_columns(cfg, dm)
-    store = ResultsStore(cfg.paths.results_dir).run(run_identity(cfg), columns)
-    if store.is_complete() and not cfg.force:
-        log.info("run %s is complete (%s): skipped; pass force=true to redo it", store.key, store.dir)
-        return store
-
     encoder = build_encoder(cfg, dm)
     context = build_context(cfg, dm, store, columns)
     for probe in probes:
         probe.bind(context)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger:
+        logger.log_hyperparams({**columns, "run_key": store.key,
+                                "config": OmegaConf.to_container(cfg, resolve=True)})
     try:
         trainer = build_trainer(cfg, callbacks=probes, logger=logger)
         trainer.test(encoder, dataloaders=dm.test_dataloader(), verbose=False)

@@ -8,9 +8,10 @@
 # Start images are ranked by MEASURED responses, so both models start from the same images.
 # Needs the two models' weights (see `python -m brainrobust models`); for an offline smoke run
 # use e.g. STANDARD=tiny_cnn_random ROBUST=resnet18_random.
-# Cost: per model x subject, 3 settings x 4 images x 7 eps x 32 steps = 2,688 image-steps of
-# forward + backward, plus 3 ROIs x 4 seeds x 256 MEI steps = 3,072 image-steps; see
-# `python -m brainrobust.plan targeted` where the cost model is wired.
+# Cost: per model x subject, 3 settings x 4 images x 7 eps x 32 PGD steps = 2,688 image-steps
+# (forward + backward at 224 px), plus 3 ROIs x 4 seeds x 256 MEI steps = 3,072 image-steps:
+# minutes on one GPU for both models; multiply by the per-image-step cost that
+# `python -m brainrobust.plan` measures for the model.
 # Usage: experiments/targeted.sh [extra hydra overrides, e.g. data=nsd data.root=/data/nsd]
 set -euo pipefail
 cd "$(dirname "$0")/.."

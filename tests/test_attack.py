@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LinearEncoder
 from torch import nn
 
 from brainrobust.errors import BrainRobustError, ConfigError
@@ -22,7 +23,16 @@ from brainrobust.probes.attack import (
     validate_eps,
 )
 from brainrobust.probes.objectives import OBJECTIVES, make_objective
-from helpers import LinearEncoder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tensors here are tiny: a second thread only adds synchronisation, which costs 20x
+    # wall time on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -64,7 +74,7 @@ def images(n: int, size: int, seed: int = 1, saturated: bool = True) -> torch.Te
     return (x * 1.6 - 0.3).clamp(0, 1) if saturated else x
 
 
-NO_CLAMP = dict(clamp=False)
+NO_CLAMP = {"clamp": False}
 
 
 # --- known answers on linear encoders -----------------------------------------------------------
@@ -327,27 +337,19 @@ def test_no_gradient_and_nan_objectives():
 def test_at_least_as_strong_as_torchattacks_on_a_classifier():
     torchattacks = pytest.importorskip("torchattacks")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(32, 10))
-    # A briefly trained classifier (labels from a fixed random linear teacher), so the loss
-    # surface has the structure an attack exploits rather than a random net's flat one.
-    teacher = torch.randn(3 * 16 * 16, 10, generator=gen(2))
-    train_x = images(512, 16, seed=3, saturated=False)
-    train_y = (train_x.flatten(1) - 0.5).matmul(teacher).argmax(1)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        optimiser.zero_grad()
-        F.cross_entropy(model(train_x), train_y).backward()
-        optimiser.step()
-    model.eval()
-    x = images(128, 16, seed=4, saturated=False)
-    labels = (x.flatten(1) - 0.5).matmul(teacher).argmax(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(256, 10)).eval()
+    with torch.no_grad():  # confident logits, so the budgets below fool some images, not all
+        model[-1].weight.mul_(100.0)
+    x = images(64, 16, saturated=False)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
 
     def loss(z):
         return F.cross_entropy(model(z), labels, reduction="none")
 
-    for norm, eps, peer in (("l2", 0.5, torchattacks.PGDL2), ("linf", 2 / 255, torchattacks.PGD)):
+    for norm, eps, peer in (("l2", 0.1, torchattacks.PGDL2), ("linf", 0.5 / 255, torchattacks.PGD)):
         cfg = PGDConfig(norm=norm, steps=10, step_size=0.25)
         # Both draw their random start from the global generator in the same order: same start.
         torch.manual_seed(1)
@@ -361,7 +363,8 @@ def test_at_least_as_strong_as_torchattacks_on_a_classifier():
             fooled_theirs = (model(theirs_adv).argmax(1) != labels).sum()
         assert ours.objective.mean() >= theirs.mean(), (norm, ours.objective.mean(), theirs.mean())
         assert (ours.objective >= theirs - 1e-4).float().mean() >= 0.95
-        assert fooled_ours >= fooled_theirs, (norm, fooled_ours, fooled_theirs)
+        assert fooled_ours >= fooled_theirs > 0, (norm, fooled_ours, fooled_theirs)
+        assert fooled_theirs < len(x)
 
 
 # --- objectives ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from brainrobust.pipeline import run_identity
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
-GROUPS = ["model", "roi", "subject", "attack", "epsilon", "data", "probe", "logger", "experiment"]
+GROUPS = ["model", "roi", "attack", "epsilon", "data", "probe", "logger", "experiment"]
 
 
 def _compose(overrides=()):
@@ -25,6 +25,7 @@ def _compose(overrides=()):
 
 
 def test_required_groups_exist():
+    # subject is a plain value (1-8): Hydra cannot select group options by numeric names.
     for group in GROUPS + ["hydra/launcher"]:
         assert (REPO / "conf" / group).is_dir(), group
 
@@ -33,14 +34,14 @@ def test_default_composes_without_deprecation_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         cfg = _compose()
-    assert cfg.subject.id == 1 and list(cfg.roi) == ["FFA"]
+    assert cfg.subject == 1 and list(cfg.roi) == ["FFA"]
     assert cfg.data.subject == 1 and cfg.attack.norm == cfg.epsilon.norm
 
 
 def test_user_command_composes():
     cfg = _compose(["model=robust_resnet50_eps3", "roi=FFA"])
     assert cfg.model.name == "robust_resnet50_eps3" and cfg.model.family == "madry"
-    rois = instantiate(cfg.data.rois)
+    rois = instantiate(cfg.data.rois, _convert_="all")
     assert isinstance(rois["FFA"], ROISpec) and tuple(rois["FFA"].labels) == ("FFA-1", "FFA-2")
 
 
@@ -58,7 +59,7 @@ def test_every_model_and_roi_composes():
 
 def test_linf_epsilon_switches_the_attack_norm():
     cfg = _compose(["epsilon=linf"])
-    assert cfg.attack.norm == "linf" and max(cfg.epsilon.values) == pytest.approx(8 / 255)
+    assert cfg.attack.norm == "linf" and max(cfg.epsilon.ladder) == pytest.approx(8 / 255)
 
 
 def test_unknown_option_lists_valid_names():
@@ -86,8 +87,17 @@ def test_cli_help_and_cfg_job():
     assert "Deprecat" not in out.stderr
 
 
-def test_multirun_composes():
-    # --cfg job prints the config of each composed job without running anything.
-    out = _run_py("--multirun", "subject=1,2", "roi=FFA,PPA", "--cfg", "job")
+def test_multirun_composes(tmp_path):
+    # dry_run composes every job and prints its results key without loading anything.
+    out = _run_py("--multirun", "subject=1,2", "roi=FFA,PPA", "dry_run=true",
+                  f"paths.results_dir={tmp_path}", f"paths.log_dir={tmp_path}")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("id: 1") >= 1 and out.stdout.count("id: 2") >= 1
+    jobs = [line for line in out.stdout.splitlines() if line.startswith("run ")]
+    assert len(jobs) == 4 and len({line.split()[1] for line in jobs}) == 4
+    assert sum("subject=2 rois=PPA" in line for line in jobs) == 1
+
+
+def test_bad_subject_is_one_line(tmp_path):
+    out = _run_py("subject=9", f"paths.results_dir={tmp_path}", f"paths.log_dir={tmp_path}")
+    assert out.returncode == 2
+    assert "subject must be an NSD subject 1-8, got 9" in out.stderr and "Traceback" not in out.stderr

@@ -29,7 +29,7 @@ class SquaredLinearEncoder(LinearEncoder):
 
 
 def _weights(seed=0):
-    return torch.randn(len(sum(ROIS.values(), [])), D, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(sum(len(cols) for cols in ROIS.values()), D, generator=torch.Generator().manual_seed(seed))
 
 
 def _roi_direction(W, roi):

@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from helpers import LinearEncoder
+from torch import nn
 
 from brainrobust.errors import ConfigError
 from brainrobust.probes.jacobian import (
@@ -26,7 +25,9 @@ D = 3 * S * S
 def planted_weights(basis, top, top_sigma, tail, tail_sigma, n_voxels, seed):
     """W = U diag(s) V^T with chosen right singular vectors: basis[:, top] then basis[:, tail]."""
     right = basis[:, list(top) + list(tail)]
-    left = orthonormalize(torch.randn(n_voxels, right.shape[1], generator=torch.Generator().manual_seed(seed)))
+    left = orthonormalize(
+        torch.randn(n_voxels, right.shape[1], generator=torch.Generator().manual_seed(seed))
+    )
     sigma = torch.tensor(list(top_sigma) + list(tail_sigma), dtype=torch.float32)
     return left @ torch.diag(sigma) @ right.T
 
@@ -41,15 +42,23 @@ def planted():
     tail_sigma = torch.linspace(1.0, 0.05, n_vox - k).tolist()
     w_a = planted_weights(basis, [0, 1, 2, 3], top_sigma, range(10, 36), tail_sigma, n_vox, 1)
     w_b = planted_weights(basis, [0, 1, 4, 5], top_sigma, range(40, 66), tail_sigma, n_vox, 2)
-    return {"basis": basis, "k": k, "w_a": w_a, "w_b": w_b, "top_sigma": top_sigma,
-            "shared": 2, "x": torch.rand(3, 3, S, S, generator=g)}
+    return {
+        "basis": basis,
+        "k": k,
+        "w_a": w_a,
+        "w_b": w_b,
+        "top_sigma": top_sigma,
+        "shared": 2,
+        "x": torch.rand(3, 3, S, S, generator=g),
+    }
 
 
 def test_randomized_recovers_planted_directions(planted):
     k, x = planted["k"], planted["x"]
     enc_a = LinearEncoder(planted["w_a"], {"FFA": torch.arange(30)}).eval()
-    p, sigma = top_k_right_singular(enc_a, x, k, oversample=4, iters=2,
-                                    generator=torch.Generator().manual_seed(0))
+    p, sigma = top_k_right_singular(
+        enc_a, x, k, oversample=4, iters=2, generator=torch.Generator().manual_seed(0)
+    )
     p_exact, sigma_exact = top_k_right_singular(enc_a, x, k, method="exact")
     truth = planted["basis"][:, :k]
     assert p.shape == (3, D, k) and sigma.shape == (3, k)
@@ -59,7 +68,9 @@ def test_randomized_recovers_planted_directions(planted):
         assert subspace_similarity(p_exact[b], truth) == pytest.approx(1.0, abs=1e-5)
         # Columns come out orthonormal and ordered by singular value.
         torch.testing.assert_close(p[b].T @ p[b], torch.eye(k), atol=1e-4, rtol=0)
-    torch.testing.assert_close(sigma, torch.tensor(planted["top_sigma"]).expand(3, k), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        sigma, torch.tensor(planted["top_sigma"]).expand(3, k), rtol=1e-4, atol=0
+    )
     torch.testing.assert_close(sigma_exact, sigma, rtol=1e-4, atol=0)
 
 
@@ -71,7 +82,9 @@ def test_similarity_of_planted_models_is_analytic(planted):
     expected = planted["shared"] / k
     assert subspace_similarity(p_a, p_b) == pytest.approx(np.full(3, expected), abs=1e-3)
     # Two shared directions (angle 0) and two private, orthogonal ones (angle pi/2).
-    np.testing.assert_allclose(principal_angles(p_a[0], p_b[0]), [0, 0, math.pi / 2, math.pi / 2], atol=2e-2)
+    np.testing.assert_allclose(
+        principal_angles(p_a[0], p_b[0]), [0, 0, math.pi / 2, math.pi / 2], atol=2e-2
+    )
 
 
 def test_per_image_jacobians_match_autograd():
@@ -84,7 +97,9 @@ def test_per_image_jacobians_match_autograd():
         return torch.tanh(3 * x.flatten(1) @ a.T) @ c.T
 
     x = torch.rand(4, 3, S, S, generator=g)
-    jac = torch.stack([torch.func.jacrev(lambda xi: fn(xi[None])[0])(xi).reshape(20, D) for xi in x])
+    jac = torch.stack(
+        [torch.func.jacrev(lambda xi: fn(xi[None])[0])(xi).reshape(20, D) for xi in x]
+    )
     v = torch.randn(4, D, 5, generator=g)
     u = torch.randn(4, 20, 5, generator=g)
     for mode in ("forward", "double_vjp"):
@@ -154,9 +169,13 @@ def test_small_cnn_modes_agree():
 
 def test_random_subspaces_give_k_over_d():
     rng = np.random.default_rng(0)
-    d, k = 2000, 10
-    sims = [subspace_similarity(np.linalg.qr(rng.normal(size=(d, k)))[0], np.linalg.qr(rng.normal(size=(d, k)))[0])
-            for _ in range(20)]
+    d, k = 1000, 10
+    sims = [
+        subspace_similarity(
+            np.linalg.qr(rng.normal(size=(d, k)))[0], np.linalg.qr(rng.normal(size=(d, k)))[0]
+        )
+        for _ in range(20)
+    ]
     assert random_baseline(k, d) == k / d
     assert np.mean(sims) == pytest.approx(k / d, rel=0.3)
 
@@ -174,14 +193,19 @@ def test_principal_angles_are_consistent_with_similarity():
     e = np.eye(6)
     a, b = 0.3, 1.1
     p = e[:, [0, 1]]
-    q = np.stack([np.cos(b) * e[:, 0] + np.sin(b) * e[:, 2], np.cos(a) * e[:, 1] + np.sin(a) * e[:, 3]], axis=1)
+    q = np.stack(
+        [np.cos(b) * e[:, 0] + np.sin(b) * e[:, 2], np.cos(a) * e[:, 1] + np.sin(a) * e[:, 3]],
+        axis=1,
+    )
     angles = principal_angles(p, q)
     np.testing.assert_allclose(angles, [a, b], atol=1e-7)
     assert subspace_similarity(p, q) == pytest.approx(np.mean(np.cos(angles) ** 2))
     rng = np.random.default_rng(2)
     ps = np.linalg.qr(rng.normal(size=(4, 40, 3)))[0]
     qs = np.linalg.qr(rng.normal(size=(4, 40, 3)))[0]
-    np.testing.assert_allclose(subspace_similarity(ps, qs), (np.cos(principal_angles(ps, qs)) ** 2).mean(-1))
+    np.testing.assert_allclose(
+        subspace_similarity(ps, qs), (np.cos(principal_angles(ps, qs)) ** 2).mean(-1)
+    )
 
 
 def test_bad_arguments_are_config_errors(planted):

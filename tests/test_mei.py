@@ -7,22 +7,29 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LinearEncoder
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
 from brainrobust.errors import ConfigError
 from brainrobust.probes.base import ProbeContext
-from brainrobust.probes.mei import FourierImage, MEIProbe, optimise_mei, pairwise_cosine, random_affine, spectrum_scale
+from brainrobust.probes.mei import (
+    FourierImage,
+    MEIProbe,
+    optimise_mei,
+    pairwise_cosine,
+    random_affine,
+    spectrum_scale,
+)
 from brainrobust.results.store import ResultsStore
-from helpers import LinearEncoder
 
 S = 16
 TRANSFORMS = {"jitter": 1.0, "scale": (0.95, 1.05), "rotate": 5.0}
 
 
 def _smooth_direction(g: torch.Generator) -> torch.Tensor:
-    """A unit readout varying smoothly over the image, as a real model's pixel-space readout does."""
+    """A unit readout varying smoothly over the image, like a real model's pixel-space readout."""
     low = torch.randn(1, 3, 4, 4, generator=g)
     w = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False).flatten()
     return w / w.norm()
@@ -68,8 +75,9 @@ def test_random_affine_identity_and_gradient():
 
 def test_mei_of_a_linear_readout_aligns_with_its_weights(encoder):
     targets = ["A", "A", "B"]
-    mei, start = optimise_mei(encoder, targets, S, steps=100, generator=torch.Generator().manual_seed(5),
-                              **TRANSFORMS)
+    mei, start = optimise_mei(
+        encoder, targets, S, steps=100, generator=torch.Generator().manual_seed(5), **TRANSFORMS
+    )
     for b, roi in enumerate(targets):
         w = _readout(encoder, roi)
         v = (mei[b] - 0.5).flatten()
@@ -85,17 +93,28 @@ def test_mei_is_selective_and_the_probe_writes_its_outputs(encoder, tmp_path):
     store = ResultsStore(tmp_path / "results").run({"t": 1}, {"model": "linear", "subject": 1})
     g = torch.Generator().manual_seed(6)
     images = torch.rand(12, 3, S, S, generator=g)
-    ctx = ProbeContext(images=images, image_ids=np.arange(12, dtype=np.int64), responses=np.zeros((12, 4)),
-                       rois=["A", "B"], roi_stats={}, meta={}, store=store, seed=0)
+    ctx = ProbeContext(
+        images=images,
+        image_ids=np.arange(12, dtype=np.int64),
+        responses=np.zeros((12, 4)),
+        rois=["A", "B"],
+        roi_stats={},
+        meta={},
+        store=store,
+        seed=0,
+    )
     probe = MEIProbe(seeds=2, steps=60, transforms=TRANSFORMS)
     probe.bind(ctx)
     records = probe.run(encoder, ctx)
     store.write_records(probe.name, records)
     back = store.read_records("mei")
-    assert {"target_roi", "seed", "start", "image_id", "roi", "metric", "value"} <= set(back.columns)
+    assert {"target_roi", "mei_seed", "start", "image_id", "roi", "metric", "value"} <= set(
+        back.columns
+    )
     assert len(back[back.metric == "response"]) == 2 * 2 * 2  # 2 targets x 2 seeds x every ROI
-    change = back[back.metric == "response_change"].pivot_table(index=["target_roi", "seed"], columns="roi",
-                                                                  values="value")
+    change = back[back.metric == "response_change"].pivot_table(
+        index=["target_roi", "mei_seed"], columns="roi", values="value"
+    )
     # Selectivity: each ROI's MEI raises that ROI more than the other one.
     assert (change.loc["A"]["A"] > change.loc["A"]["B"] + 1.0).all()
     assert (change.loc["B"]["B"] > change.loc["B"]["A"] + 1.0).all()
@@ -115,8 +134,16 @@ def test_mei_is_selective_and_the_probe_writes_its_outputs(encoder, tmp_path):
 def test_mei_from_natural_images_starts_at_them(encoder, tmp_path):
     store = ResultsStore(tmp_path / "results").run({"t": 2}, {"model": "linear", "subject": 1})
     images = 0.1 + 0.8 * torch.rand(6, 3, S, S, generator=torch.Generator().manual_seed(7))
-    ctx = ProbeContext(images=images, image_ids=np.arange(50, 56, dtype=np.int64), responses=np.zeros((6, 4)),
-                       rois=["A", "B"], roi_stats={}, meta={}, store=store, seed=0)
+    ctx = ProbeContext(
+        images=images,
+        image_ids=np.arange(50, 56, dtype=np.int64),
+        responses=np.zeros((6, 4)),
+        rois=["A", "B"],
+        roi_stats={},
+        meta={},
+        store=store,
+        seed=0,
+    )
     probe = MEIProbe(rois=["A"], start={"select": "first", "n": 2}, steps=20, save_media=False)
     probe.bind(ctx)
     records = probe.run(encoder, ctx)
@@ -130,18 +157,32 @@ def test_mei_from_natural_images_starts_at_them(encoder, tmp_path):
 
 def test_diversity_term_spreads_the_seeds(encoder):
     def spread(weight):
-        mei, _ = optimise_mei(encoder, ["A"] * 3, S, steps=30, diversity=weight, decay_power=0.0,
-                              generator=torch.Generator().manual_seed(8))
+        mei, _ = optimise_mei(
+            encoder,
+            ["A"] * 3,
+            S,
+            steps=30,
+            diversity=weight,
+            decay_power=0.0,
+            generator=torch.Generator().manual_seed(8),
+        )
         return float(pairwise_cosine(mei, torch.zeros(3)))
 
     assert spread(50.0) < spread(0.0) - 0.5
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"seeds": 0}, "seeds"), ({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"),
-    ({"transforms": {"shear": 1}}, "unknown"), ({"transforms": {"scale": [1.2, 0.8]}}, "scale"),
-    ({"start": {"select": "middle"}}, "select"), ({"diversity": -1.0}, "diversity"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"seeds": 0}, "seeds"),
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"transforms": {"shear": 1}}, "unknown"),
+        ({"transforms": {"scale": [1.2, 0.8]}}, "scale"),
+        ({"start": {"select": "middle"}}, "select"),
+        ({"diversity": -1.0}, "diversity"),
+    ],
+)
 def test_bad_settings_are_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         MEIProbe(**kwargs)

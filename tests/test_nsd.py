@@ -20,7 +20,8 @@ from brainrobust.errors import ConfigError, DataError
 DESIGN = "nsddata/experiments/nsd/nsd_expdesign.mat"
 CODES = {"FFA": ("floc-faces", [2, 3]), "EBA": ("floc-bodies", [1]), "PPA": ("floc-places", [2]),
          "OFA": ("floc-faces", [1])}
-TINY = dict(n_subjects=2, sessions=(2, 1), grid=(10, 12, 8), image_size=16, n_shared=40, seed=1)
+TINY = {"n_subjects": 2, "sessions": (2, 1), "grid": (10, 12, 8), "image_size": 16,
+        "n_shared": 40, "seed": 1}
 
 
 def betas_dir(root, s):
@@ -156,7 +157,7 @@ def test_noise_ceiling_from_ncsnr_file(loader, synthetic_root):
 def test_roi_noise_ceiling_from_roi_mean_series(loader, synthetic_root):
     root, _ = synthetic_root
     data = loader.load(1, "PPA", "test")
-    shown, trials, xyz = reference(root, 1, ["PPA"])
+    shown, trials, _ = reference(root, 1, ["PPA"])
     series = trials.mean(1).reshape(-1, 750)
     series = ((series - series.mean(1, keepdims=True)) / series.std(1, keepdims=True)).ravel()
     ids, counts = np.unique(shown, return_counts=True)
@@ -401,6 +402,20 @@ def test_bad_beta_file_names_file_and_expected_shape(tiny, session, transform, n
     with pytest.raises(DataError, match=message) as err:
         NSDLoader(root).load(1, "FFA", "test")
     assert f"betas_session{session:02d}.hdf5" in str(err.value)
+
+
+def test_chunked_compressed_betas_read_the_same(tiny):
+    """A re-packed (chunked, gzip) copy goes through HDF5 hyperslabs instead of a memory map."""
+    root, _ = tiny
+    expected = NSDLoader(root).load(1, ["FFA", "EBA"], "train")
+    path = betas_dir(root, 1) / "betas_session01.hdf5"
+    with h5py.File(path, "r") as f:
+        data = f["betas"][:]
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f.create_dataset("betas", data=data, chunks=(750, 1, 4, 4), compression="gzip")
+    again = NSDLoader(root).load(1, ["FFA", "EBA"], "train")
+    np.testing.assert_array_equal(again.responses, expected.responses)
 
 
 def test_truncated_beta_file(tiny):

@@ -1,5 +1,6 @@
 """Perceptual measures: known answers, identities, and SSIM against independent references."""
 
+import itertools
 import math
 
 import numpy as np
@@ -13,8 +14,9 @@ from brainrobust.errors import ConfigError
 
 def _images(n: int = 3, size: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    base = torch.nn.functional.interpolate(torch.rand(n, 3, 6, 6, generator=g), size=(size, size),
-                                           mode="bilinear", align_corners=False)
+    base = torch.nn.functional.interpolate(
+        torch.rand(n, 3, 6, 6, generator=g), size=(size, size), mode="bilinear", align_corners=False
+    )
     return (base + 0.05 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
 
 
@@ -49,8 +51,11 @@ def test_constant_shift_known_answers():
     x0 = torch.full((2, 3, size, size), 0.5)
     x = x0 + 0.1
     assert torch.allclose(linf(x, x0), torch.full((2,), 0.1, dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(l2(x, x0), torch.full((2,), 0.1 * math.sqrt(3 * size * size), dtype=torch.float64),
-                          atol=1e-5)
+    assert torch.allclose(
+        l2(x, x0),
+        torch.full((2,), 0.1 * math.sqrt(3 * size * size), dtype=torch.float64),
+        atol=1e-5,
+    )
     assert torch.allclose(psnr(x, x0), torch.full((2,), 20.0, dtype=torch.float64), atol=1e-4)
     # Flat images: variances and covariance vanish, only the luminance term remains.
     c1 = 0.01**2
@@ -81,9 +86,18 @@ def test_ssim_matches_skimage():
     x0 = _images(seed=3)
     x = (x0 + 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
     ours = ssim(x, x0).numpy()
-    ref = [metrics.structural_similarity(x[i].double().numpy(), x0[i].double().numpy(), channel_axis=0,
-                                         gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                         data_range=1.0) for i in range(len(x))]
+    ref = [
+        metrics.structural_similarity(
+            x[i].double().numpy(),
+            x0[i].double().numpy(),
+            channel_axis=0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=1.0,
+        )
+        for i in range(len(x))
+    ]
     assert np.allclose(ours, ref, atol=1e-6)
 
 
@@ -93,8 +107,8 @@ def test_ssim_and_psnr_fall_as_noise_grows():
     levels = [0.01, 0.03, 0.1, 0.3]
     s = [float(ssim((x0 + a * noise).clamp(0, 1), x0)) for a in levels]
     p = [float(psnr((x0 + a * noise).clamp(0, 1), x0)) for a in levels]
-    assert all(a > b for a, b in zip(s, s[1:]))
-    assert all(a > b for a, b in zip(p, p[1:]))
+    assert all(a > b for a, b in itertools.pairwise(s))
+    assert all(a > b for a, b in itertools.pairwise(p))
 
 
 def test_bad_shapes_raise_config_error():

@@ -19,7 +19,11 @@ def planted(n=300, p=40, n_strong=15, n_weak=15, n_noise=20, offset=0.0, seed=0)
     X = rng.standard_normal((n, p)) @ mixing + offset * rng.random(p)
     B = rng.standard_normal((p, n_strong + n_weak + n_noise)) / np.sqrt(p)
     gain = np.r_[np.full(n_strong, 3.0), np.full(n_weak, 0.3), np.zeros(n_noise)]
-    Y = (X - X.mean(0)) @ B * gain + rng.standard_normal((n, B.shape[1])) + 2 * offset * rng.random(B.shape[1])
+    Y = (
+        (X - X.mean(0)) @ B * gain
+        + rng.standard_normal((n, B.shape[1]))
+        + 2 * offset * rng.random(B.shape[1])
+    )
     return X.astype(np.float32), Y.astype(np.float32), gain
 
 
@@ -80,7 +84,12 @@ def test_gcv_matches_sklearn_test_r_and_picks_sensible_alphas():
     assert np.median(fit.alphas[gain == 3.0]) <= 10.0
     # pure noise: shrink everything away; the largest penalty for most voxels
     assert np.median(fit.alphas[~signal]) == DEFAULT_ALPHAS[-1]
-    assert fit.alphas[gain == 3.0].max() < fit.alphas[gain == 0.3].min() <= fit.alphas[gain == 0.3].max() <= fit.alphas[~signal].min()
+    assert (
+        fit.alphas[gain == 3.0].max()
+        < fit.alphas[gain == 0.3].min()
+        <= fit.alphas[gain == 0.3].max()
+        <= fit.alphas[~signal].min()
+    )
     assert np.mean(fit.alphas == ref.alpha_) >= 0.9  # GCV and LOO mostly agree
 
 
@@ -127,12 +136,16 @@ def test_target_batches_give_the_same_fit():
 def test_intercept_with_large_offsets():
     X_all, Y_all, _ = planted(n=400, p=20, offset=1000.0)
     X, Y, x_test = X_all[:300], Y_all[:300], X_all[300:]
-    ref = RidgeCV(alphas=[1.0, 10.0], alpha_per_target=True).fit(X.astype(np.float64), Y.astype(np.float64))
+    ref = RidgeCV(alphas=[1.0, 10.0], alpha_per_target=True).fit(
+        X.astype(np.float64), Y.astype(np.float64)
+    )
     exact = fit_ridge(X, Y, method="loo", alphas=[1.0, 10.0], backend_dtype=torch.float64)
     np.testing.assert_allclose(exact.intercept, ref.intercept_, rtol=1e-6)
 
     fit = fit_ridge(X, Y, method="loo", alphas=[1.0, 10.0])
-    expected = Y.mean(0, dtype=np.float64) - X.mean(0, dtype=np.float64) @ fit.weights.astype(np.float64)
+    expected = Y.mean(0, dtype=np.float64) - X.mean(0, dtype=np.float64) @ fit.weights.astype(
+        np.float64
+    )
     np.testing.assert_allclose(fit.intercept, expected, rtol=1e-6)
     readout = LinearReadout.from_fit(fit)
     with torch.no_grad():
@@ -149,7 +162,9 @@ def test_readout_is_fixed_but_passes_gradients_to_features():
     assert list(readout.parameters()) == []
     feats = torch.from_numpy(X[:5]).requires_grad_(True)
     readout(feats).sum().backward()
-    np.testing.assert_allclose(feats.grad.numpy(), np.tile(readout.weights.sum(1).numpy(), (5, 1)), rtol=1e-6)
+    np.testing.assert_allclose(
+        feats.grad.numpy(), np.tile(readout.weights.sum(1).numpy(), (5, 1)), rtol=1e-6
+    )
     with pytest.raises(DataError, match="expects 8 features"):
         readout(torch.zeros(2, 9))
 
@@ -158,7 +173,13 @@ def test_save_load_round_trip(tmp_path):
     X, Y, _ = planted(n=100, p=8, n_strong=2, n_weak=1, n_noise=1)
     fit = fit_ridge(X, Y)
     readout = LinearReadout.from_fit(fit)
-    meta = {"model": "resnet18_random", "layer": "avgpool", "subject": 1, "rois": ["FFA", "PPA"], "train_ids_sha256": "ab12"}
+    meta = {
+        "model": "resnet18_random",
+        "layer": "avgpool",
+        "subject": 1,
+        "rois": ["FFA", "PPA"],
+        "train_ids_sha256": "ab12",
+    }
     path = tmp_path / "readout.safetensors"
     readout.save(path, meta)
 
@@ -167,7 +188,9 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(raw["intercept"], fit.intercept)
     np.testing.assert_array_equal(raw["alphas"], fit.alphas)
 
-    loaded, stored = LinearReadout.load(path, expect={"model": "resnet18_random", "rois": ("FFA", "PPA"), "subject": 1})
+    loaded, stored = LinearReadout.load(
+        path, expect={"model": "resnet18_random", "rois": ("FFA", "PPA"), "subject": 1}
+    )
     assert {k: stored[k] for k in meta} == meta
     assert stored["method"] == "gcv" and stored["alpha_grid"] == DEFAULT_ALPHAS.tolist()
     for name in ("weights", "intercept", "alphas"):
@@ -210,8 +233,16 @@ def test_save_refuses_metadata_that_contradicts_the_fit(tmp_path):
 @pytest.mark.parametrize(
     "change, error, message",
     [
-        (lambda X, Y: (np.where(np.arange(X.size).reshape(X.shape) == 5, np.nan, X), Y), DataError, "NaN or inf"),
-        (lambda X, Y: (X, np.where(np.arange(Y.size).reshape(Y.shape) == 3, np.inf, Y)), DataError, "NaN or inf"),
+        (
+            lambda X, Y: (np.where(np.arange(X.size).reshape(X.shape) == 5, np.nan, X), Y),
+            DataError,
+            "NaN or inf",
+        ),
+        (
+            lambda X, Y: (X, np.where(np.arange(Y.size).reshape(Y.shape) == 3, np.inf, Y)),
+            DataError,
+            "NaN or inf",
+        ),
         (lambda X, Y: (X, Y[:-1]), DataError, "same images"),
     ],
     ids=["nan-X", "inf-Y", "n-mismatch"],

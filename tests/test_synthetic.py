@@ -14,7 +14,7 @@ from brainrobust.data.synthetic import ensure_synthetic_nsd, load_truth, write_s
 from brainrobust.errors import ConfigError
 from brainrobust.files import sha256_file
 
-SMALL = dict(n_subjects=1, sessions=(1,), grid=(8, 9, 7), image_size=8, n_shared=20)
+SMALL = {"n_subjects": 1, "sessions": (1,), "grid": (8, 9, 7), "image_size": 8, "n_shared": 20}
 
 
 def test_files_in_the_real_layout(synthetic_root):

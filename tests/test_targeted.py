@@ -5,6 +5,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from helpers import LinearEncoder
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
@@ -14,7 +15,6 @@ from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.image_selection import ImageSelection, load_image_files
 from brainrobust.probes.targeted import TargetedProbe
 from brainrobust.results.store import ResultsStore
-from helpers import LinearEncoder
 
 S = 16
 D = 3 * S * S
@@ -42,19 +42,31 @@ def setup():
 
 
 def _context(tmp_path, encoder, images, responses=None):
-    store = ResultsStore(tmp_path / "results").run({"test": str(tmp_path)}, {"model": "linear", "subject": 1})
+    store = ResultsStore(tmp_path / "results").run(
+        {"test": str(tmp_path)}, {"model": "linear", "subject": 1}
+    )
     n = len(images)
     return ProbeContext(
-        images=images, image_ids=np.arange(100, 100 + n, dtype=np.int64),
+        images=images,
+        image_ids=np.arange(100, 100 + n, dtype=np.int64),
         responses=responses if responses is not None else np.zeros((n, 6)),
-        rois=sorted(encoder.rois), roi_stats={r: {"test_sd": 0.5, "noise_ceiling": 40.0} for r in encoder.rois},
-        meta={"model": "linear"}, store=store, seed=0,
+        rois=sorted(encoder.rois),
+        roi_stats={r: {"test_sd": 0.5, "noise_ceiling": 40.0} for r in encoder.rois},
+        meta={"model": "linear"},
+        store=store,
+        seed=0,
     )
 
 
 def _probe(**kw):
-    settings = dict(roi="A", direction="increase", eps_schedule=SCHEDULE, attack=ATTACK,
-                    images={"select": "first", "n": 3}, save_media=False)
+    settings = {
+        "roi": "A",
+        "direction": "increase",
+        "eps_schedule": SCHEDULE,
+        "attack": ATTACK,
+        "images": {"select": "first", "n": 3},
+        "save_media": False,
+    }
     return TargetedProbe(**{**settings, **kw})
 
 
@@ -66,7 +78,9 @@ def test_drives_roi_monotonically_to_the_linear_optimum(setup, direction, warm_s
     delta = _probe(direction=direction, warm_start=warm_start).trajectory(encoder, x)
     assert delta.shape == (len(SCHEDULE), 3, 3, S, S)
     with torch.no_grad():
-        change = torch.stack([encoder.roi_response(x + d, "A") - encoder.roi_response(x, "A") for d in delta])
+        change = torch.stack(
+            [encoder.roi_response(x + d, "A") - encoder.roi_response(x, "A") for d in delta]
+        )
     sign = 1.0 if direction == "increase" else -1.0
     moved = sign * change  # (E, B)
     assert torch.all(moved[1:] > moved[:-1])
@@ -84,21 +98,27 @@ def test_linf_schedule_reaches_eps_times_l1_norm(setup):
     schedule = [1 / 255, 2 / 255, 4 / 255]
     delta = _probe(norm="linf", eps_schedule=schedule).trajectory(encoder, x)
     with torch.no_grad():
-        change = torch.stack([encoder.roi_response(x + d, "A") - encoder.roi_response(x, "A") for d in delta])
+        change = torch.stack(
+            [encoder.roi_response(x + d, "A") - encoder.roi_response(x, "A") for d in delta]
+        )
     optimum = torch.tensor(schedule)[:, None] * w["A"].abs().sum()
     assert torch.all(change[1:] > change[:-1]) and torch.all(change >= 0.99 * optimum)
     assert torch.all(delta.abs().flatten(2).amax(2) <= torch.tensor(schedule)[:, None] + 1e-7)
 
 
 def test_held_roi_stays_within_tolerance(setup):
-    encoder, images, w = setup
+    encoder, images, _ = setup
     x = images[:3]
 
     def changes(hold):
         delta = _probe(hold=hold).trajectory(encoder, x)
         with torch.no_grad():
-            return {roi: torch.stack([encoder.roi_response(x + d, roi) - encoder.roi_response(x, roi) for d in delta])
-                    for roi in ("A", "B")}
+            return {
+                roi: torch.stack(
+                    [encoder.roi_response(x + d, roi) - encoder.roi_response(x, roi) for d in delta]
+                )
+                for roi in ("A", "B")
+            }
 
     free, held = changes({}), changes({"B": 10.0})
     # Unheld, B follows A (cosine 0.7); held, B barely moves while A still rises.
@@ -118,19 +138,35 @@ def test_run_writes_records_arrays_and_media(setup, tmp_path):
     path = ctx.store.write_records(probe.name, records)
     back = ctx.store.read_records("targeted")
     assert path.exists() and len(back) == len(records)
-    assert {"image_id", "roi", "eps", "metric", "value", "driven_roi", "direction", "hold"} <= set(back.columns)
-    assert set(back.metric) == {"response", "response_change", "response_change_sd", "l2", "linf", "psnr", "ssim"}
+    assert {"image_id", "roi", "eps", "metric", "value", "driven_roi", "direction", "hold"} <= set(
+        back.columns
+    )
+    assert set(back.metric) == {
+        "response",
+        "response_change",
+        "response_change_sd",
+        "l2",
+        "linf",
+        "psnr",
+        "ssim",
+    }
     resp = back[back.metric == "response_change"]
     assert set(resp.roi) == {"A", "B", "C"} and sorted(resp.eps.unique()) == [0.0, *SCHEDULE]
     # Two images x (start + 4 eps) x 3 ROIs x 3 response metrics + 2 x 4 eps x 4 perceptual.
     assert len(back) == 2 * 5 * 3 * 3 + 2 * 4 * 4
     drive = resp[resp.roi == "A"].groupby("eps")["value"].mean()
     assert drive.is_monotonic_increasing and drive.iloc[0] == 0
-    sd = back[(back.metric == "response_change_sd") & (back.roi == "A")].groupby("eps")["value"].mean()
+    sd = (
+        back[(back.metric == "response_change_sd") & (back.roi == "A")]
+        .groupby("eps")["value"]
+        .mean()
+    )
     assert np.allclose(sd.values, drive.values / 0.5)
     l2 = back[back.metric == "l2"].groupby("eps")["value"].max()
     assert np.all(l2.values <= np.array(SCHEDULE) + 1e-3)  # fp16-free: computed before saving
-    assert (back[back.metric == "ssim"].value < 1).all() and np.isfinite(back[back.metric == "psnr"].value).all()
+    assert (back[back.metric == "ssim"].value < 1).all() and np.isfinite(
+        back[back.metric == "psnr"].value
+    ).all()
 
     arrays = ctx.store.load_array("targeted_A_increase")
     assert arrays["images"].shape == (2, 5, 3, S, S) and arrays["images"].dtype == np.float16
@@ -209,7 +245,9 @@ def test_bad_image_files_raise_data_error_naming_the_file(tmp_path):
         load_image_files([tmp_path / "missing.png"], S)
 
 
-@pytest.mark.parametrize("schedule", [[1.0, 1.0, 2.0], [2.0, 1.0], [0.5, -1.0], [0.0, 1.0], [float("nan")], []])
+@pytest.mark.parametrize(
+    "schedule", [[1.0, 1.0, 2.0], [2.0, 1.0], [0.5, -1.0], [0.0, 1.0], [float("nan")], []]
+)
 def test_bad_eps_schedule_is_a_config_error(schedule):
     with pytest.raises(ConfigError, match="eps"):
         _probe(eps_schedule=schedule)
@@ -236,8 +274,15 @@ def test_other_bad_settings_are_config_errors(setup, tmp_path):
 def test_config_builds_the_probe():
     conf = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=targeted", "probe.targeted.roi=EBA",
-                                           "probe.targeted.direction=increase", "+probe.targeted.hold.FFA=10"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=targeted",
+                "probe.targeted.roi=EBA",
+                "probe.targeted.direction=increase",
+                "+probe.targeted.hold.FFA=10",
+            ],
+        )
     assert sorted(cfg.roi) == ["EBA", "FFA", "PPA"]
     probe = instantiate(cfg.probe.targeted, _convert_="all")
     assert isinstance(probe, TargetedProbe)

@@ -18,21 +18,22 @@ from __future__ import annotations
 import io
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import imageio.v3 as iio
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
 
-from brainrobust.errors import DataError  # noqa: E402
-from brainrobust.files import write_bytes  # noqa: E402
-from brainrobust.results.store import ResultsStore, RunStore  # noqa: E402
+from brainrobust.errors import DataError
+from brainrobust.files import write_bytes
+from brainrobust.results.store import ResultsStore, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,11 @@ ImageBatch = np.ndarray | torch.Tensor
 
 def to_uint8(images: ImageBatch) -> np.ndarray:
     """(n, 3, S, S) or (n, S, S, 3) floats in [0, 1] (or uint8) -> (n, S, S, 3) uint8."""
-    arr = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    arr = (
+        images.detach().float().cpu().numpy()
+        if isinstance(images, torch.Tensor)
+        else np.asarray(images)
+    )
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or 3 not in (arr.shape[1], arr.shape[-1]):
@@ -54,7 +59,7 @@ def to_uint8(images: ImageBatch) -> np.ndarray:
 
 
 def _upscale(frames: np.ndarray, min_size: int) -> np.ndarray:
-    """Nearest-neighbour integer upscaling, so a 64 px stimulus is watchable and pixels stay sharp."""
+    """Nearest-neighbour integer upscaling: a 64 px stimulus becomes watchable, pixels sharp."""
     factor = max(1, -(-min_size // frames.shape[1]))
     frames = frames.repeat(factor, axis=1).repeat(factor, axis=2)
     # H.264 in yuv420p needs even sides: pad one edge row/column where needed.
@@ -65,18 +70,33 @@ def _upscale(frames: np.ndarray, min_size: int) -> np.ndarray:
 def write_gif(frames: ImageBatch, path: str | Path, fps: float = 4.0, min_size: int = 256) -> Path:
     """An endlessly looping GIF of the frames."""
     path = Path(path).with_suffix(".gif")
-    data = iio.imwrite("<bytes>", _upscale(to_uint8(frames), min_size), extension=".gif",
-                       duration=1000.0 / fps, loop=0)
+    data = iio.imwrite(
+        "<bytes>",
+        _upscale(to_uint8(frames), min_size),
+        extension=".gif",
+        duration=1000.0 / fps,
+        loop=0,
+    )
     write_bytes(path, data)
     return path
 
 
 def _encode_mp4(frames: np.ndarray, fps: float) -> bytes:
-    return iio.imwrite("<bytes>", frames, extension=".mp4", plugin="FFMPEG", fps=fps,
-                       codec="libx264", macro_block_size=2, pixelformat="yuv420p")
+    return iio.imwrite(
+        "<bytes>",
+        frames,
+        extension=".mp4",
+        plugin="FFMPEG",
+        fps=fps,
+        codec="libx264",
+        macro_block_size=2,
+        pixelformat="yuv420p",
+    )
 
 
-def write_video(frames: ImageBatch, path: str | Path, fps: float = 4.0, min_size: int = 256) -> Path:
+def write_video(
+    frames: ImageBatch, path: str | Path, fps: float = 4.0, min_size: int = 256
+) -> Path:
     """An MP4 of the frames, or a GIF beside it where the MP4 encoder is unavailable.
 
     Returns the path actually written (suffix .mp4 or .gif).
@@ -84,7 +104,8 @@ def write_video(frames: ImageBatch, path: str | Path, fps: float = 4.0, min_size
     arr = _upscale(to_uint8(frames), min_size)
     try:
         data = _encode_mp4(arr, fps)
-    except Exception as err:  # any encoder failure (missing binary, codec): the GIF still shows it
+    # Any encoder failure (missing binary, codec, odd platform): the GIF still shows the frames.
+    except Exception as err:  # noqa: BLE001
         log.warning("MP4 encoding failed (%s); writing a GIF instead", err)
         return write_gif(arr, path, fps=fps, min_size=0)
     out = Path(path).with_suffix(".mp4")
@@ -109,10 +130,12 @@ def write_grid(images: Sequence[ImageBatch] | np.ndarray, path: str | Path, gap:
     h, w = rows[0].shape[1:3]
     if any(r.shape[1:3] != (h, w) for r in rows):
         raise DataError("write_grid needs images of one size")
-    canvas = np.full((len(rows) * (h + gap) - gap, n_cols * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    canvas = np.full(
+        (len(rows) * (h + gap) - gap, n_cols * (w + gap) - gap, 3), 255, dtype=np.uint8
+    )
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            canvas[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = img
+            canvas[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = img
     path = Path(path).with_suffix(".png")
     write_bytes(path, _png_bytes(canvas))
     return path
@@ -132,8 +155,21 @@ def _save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
-def plot_responses(eps: np.ndarray, responses: Mapping[str, np.ndarray], path: str | Path,
-                   driven: str | None = None, held: Sequence[str] = (), title: str = "") -> Path:
+def _eps_axis(ax: plt.Axes, eps: np.ndarray) -> None:
+    eps = np.asarray(eps, dtype=np.float64)
+    if len(eps) > 2 and eps[0] == 0 and eps[1] > 0:
+        # Schedules are usually geometric: log-spaced beyond the first budget, linear down to 0.
+        ax.set_xscale("symlog", linthresh=float(eps[1]))
+
+
+def plot_responses(
+    eps: np.ndarray,
+    responses: Mapping[str, np.ndarray],
+    path: str | Path,
+    driven: str | None = None,
+    held: Sequence[str] = (),
+    title: str = "",
+) -> Path:
     """Change of every ROI's predicted response along an eps trajectory, as a PNG line plot.
 
     `responses` maps ROI -> (n_eps,) predicted responses (eps[0] is the start, usually 0); the plot
@@ -147,21 +183,28 @@ def plot_responses(eps: np.ndarray, responses: Mapping[str, np.ndarray], path: s
         label = roi + (" (driven)" if roi == driven else " (held)" if roi in held else "")
         ax.plot(eps, r - r[0], style, lw=width, marker="o", ms=3, color=f"C{i % 10}", label=label)
     ax.axhline(0.0, color="0.6", lw=0.8)
+    _eps_axis(ax, eps)
     ax.set(xlabel="eps (perturbation budget)", ylabel="predicted response change", title=title)
     ax.legend(fontsize=7)
     return _save_figure(fig, path)
 
 
-def labelled_grid(images: Sequence[Sequence[ImageBatch | None]], path: str | Path,
-                  row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
-                  captions: Sequence[Sequence[str]] | None = None, cell: float = 1.6) -> Path:
+def labelled_grid(
+    images: Sequence[Sequence[ImageBatch | None]],
+    path: str | Path,
+    row_labels: Sequence[str] = (),
+    col_labels: Sequence[str] = (),
+    captions: Sequence[Sequence[str]] | None = None,
+    cell: float = 1.6,
+) -> Path:
     """A human-facing PNG grid with row/column labels and optional per-cell captions.
 
     `images[i][j]` is one image ((3, S, S) or (S, S, 3)) or None for an empty cell.
     """
     n_rows, n_cols = len(images), max(len(r) for r in images)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + 0.8, cell * n_rows + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(cell * n_cols + 0.8, cell * n_rows + 0.4), squeeze=False
+    )
     for i in range(n_rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -188,11 +231,16 @@ def _text(arrays: Mapping[str, np.ndarray], key: str, default: str = "") -> str:
 
 def _image_label(image_id: int, files: Sequence[str]) -> str:
     # User files get negative ids -1, -2, ... (see brainrobust.probes.image_selection).
-    return Path(files[-image_id - 1]).stem if image_id < 0 and len(files) >= -image_id else f"nsd{image_id}"
+    return (
+        Path(files[-image_id - 1]).stem
+        if image_id < 0 and len(files) >= -image_id
+        else f"nsd{image_id}"
+    )
 
 
-def targeted_media(arrays: Mapping[str, np.ndarray], out_dir: str | Path, prefix: str,
-                   fps: float = 4.0) -> list[Path]:
+def targeted_media(
+    arrays: Mapping[str, np.ndarray], out_dir: str | Path, prefix: str, fps: float = 4.0
+) -> list[Path]:
     """Per start image of a targeted trajectory: a video, a PNG strip and a response plot.
 
     `arrays` is what the targeted probe saves: images (n, T, 3, S, S) with frame 0 the start,
@@ -209,24 +257,39 @@ def targeted_media(arrays: Mapping[str, np.ndarray], out_dir: str | Path, prefix
         frames = arrays["images"][i]
         paths.append(write_video(frames, stem, fps=fps))
         paths.append(write_strip(frames, stem.with_name(stem.name + "_strip")))
-        title = f"{_text(arrays, 'model')}: {direction} {driven}, image {_image_label(int(image_id), files)}"
-        paths.append(plot_responses(np.asarray(arrays["eps"], dtype=np.float64),
-                                    {roi: arrays["responses"][i, :, k] for k, roi in enumerate(rois)},
-                                    stem.with_name(stem.name + "_responses"),
-                                    driven=driven, held=held, title=title))
+        label = _image_label(int(image_id), files)
+        title = f"{_text(arrays, 'model')}: {direction} {driven}, image {label}"
+        paths.append(
+            plot_responses(
+                np.asarray(arrays["eps"], dtype=np.float64),
+                {roi: arrays["responses"][i, :, k] for k, roi in enumerate(rois)},
+                stem.with_name(stem.name + "_responses"),
+                driven=driven,
+                held=held,
+                title=title,
+            )
+        )
     return paths
 
 
-def _targeted_arrays(source: str | Path | Mapping[str, np.ndarray], roi: str,
-                     direction: str) -> Mapping[str, np.ndarray]:
+def _targeted_arrays(
+    source: str | Path | Mapping[str, np.ndarray], roi: str, direction: str
+) -> Mapping[str, np.ndarray]:
     if isinstance(source, Mapping):
         return source
     run_dir = Path(source)
-    return RunStore(dir=run_dir, key=run_dir.name, columns={}).load_array(f"targeted_{roi}_{direction}")
+    return RunStore(dir=run_dir, key=run_dir.name, columns={}).load_array(
+        f"targeted_{roi}_{direction}"
+    )
 
 
-def side_by_side(sources: Mapping[str, str | Path | Mapping[str, np.ndarray]], roi: str, direction: str,
-                 out: str | Path, image_id: int | None = None) -> Path:
+def side_by_side(
+    sources: Mapping[str, str | Path | Mapping[str, np.ndarray]],
+    roi: str,
+    direction: str,
+    out: str | Path,
+    image_id: int | None = None,
+) -> Path:
     """The talk's "standard vs robustified" panel for one start image, as a PNG.
 
     Parameters
@@ -249,17 +312,25 @@ def side_by_side(sources: Mapping[str, str | Path | Mapping[str, np.ndarray]], r
         raise DataError("side_by_side needs at least one source")
     eps = [np.asarray(a["eps"], dtype=np.float64) for a in loaded.values()]
     if any(e.shape != eps[0].shape or not np.allclose(e, eps[0], rtol=1e-3) for e in eps):
-        raise DataError(f"side_by_side: the sources ran different eps schedules "
-                        f"({[e.tolist() for e in eps]}); rerun them with one schedule")
+        raise DataError(
+            f"side_by_side: the sources ran different eps schedules "
+            f"({[e.tolist() for e in eps]}); rerun them with one schedule"
+        )
     common = set.intersection(*(set(np.asarray(a["image_id"]).tolist()) for a in loaded.values()))
     if image_id is None:
-        first = [i for i in np.asarray(next(iter(loaded.values()))["image_id"]).tolist() if i in common]
+        first = [
+            i for i in np.asarray(next(iter(loaded.values()))["image_id"]).tolist() if i in common
+        ]
         if not first:
-            raise DataError("side_by_side: the sources share no start image; select start images by "
-                            "measured response (images.by=measured) or give the same files")
+            raise DataError(
+                "side_by_side: the sources share no start image; select start images by "
+                "measured response (images.by=measured) or give the same files"
+            )
         image_id = first[0]
     elif image_id not in common:
-        raise DataError(f"side_by_side: image {image_id} is not in every source; shared: {sorted(common)}")
+        raise DataError(
+            f"side_by_side: image {image_id} is not in every source; shared: {sorted(common)}"
+        )
 
     eps = eps[0]
     n_cols = len(eps)
@@ -287,6 +358,7 @@ def side_by_side(sources: Mapping[str, str | Path | Mapping[str, np.ndarray]], r
         if curve_ax is not None:
             curve_ax.plot(eps, response - response[0], marker="o", ms=3, label=label)
     if curve_ax is not None:
+        _eps_axis(curve_ax, eps)
         curve_ax.set(xlabel="eps", ylabel=f"change in {roi}")
         curve_ax.axhline(0.0, color="0.6", lw=0.8)
         curve_ax.legend(fontsize=7)
@@ -295,7 +367,9 @@ def side_by_side(sources: Mapping[str, str | Path | Mapping[str, np.ndarray]], r
     return _save_figure(fig, out)
 
 
-def mei_grid(per_roi: Mapping[str, Mapping[str, np.ndarray]], path: str | Path, title: str = "") -> Path:
+def mei_grid(
+    per_roi: Mapping[str, Mapping[str, np.ndarray]], path: str | Path, title: str = ""
+) -> Path:
     """ROI rows x seed columns of MEIs, each captioned with its target ROI's response."""
     rows, captions = [], []
     for roi, arrays in per_roi.items():
@@ -303,8 +377,13 @@ def mei_grid(per_roi: Mapping[str, Mapping[str, np.ndarray]], path: str | Path, 
         rows.append(list(arrays["images"]))
         captions.append([f"{roi} {v:.2f}" for v in np.asarray(arrays["responses"])[:, k]])
     n_cols = max(len(r) for r in rows)
-    return labelled_grid(rows, path, row_labels=list(per_roi),
-                         col_labels=[f"seed {j}" for j in range(n_cols)], captions=captions)
+    return labelled_grid(
+        rows,
+        path,
+        row_labels=list(per_roi),
+        col_labels=[f"seed {j}" for j in range(n_cols)],
+        captions=captions,
+    )
 
 
 def _model_label(arrays: Mapping[str, np.ndarray]) -> str:
@@ -336,8 +415,15 @@ def gallery(root: str | Path, out: str | Path) -> list[Path]:
                 arrays = store.load_array(npz.stem)
                 paths += targeted_media(arrays, run_out, npz.stem)
                 robust = bool(arrays["robust"]) if "robust" in arrays else False
-                targeted[(subject, npz.stem)].append((_model_label(arrays), robust, run_dir,
-                                                      _text(arrays, "driven_roi"), _text(arrays, "direction")))
+                targeted[(subject, npz.stem)].append(
+                    (
+                        _model_label(arrays),
+                        robust,
+                        run_dir,
+                        _text(arrays, "driven_roi"),
+                        _text(arrays, "direction"),
+                    )
+                )
             elif npz.stem.startswith("mei_"):
                 arrays = store.load_array(npz.stem)
                 mei_arrays[str(arrays["target_roi"])] = arrays
@@ -355,7 +441,9 @@ def gallery(root: str | Path, out: str | Path) -> list[Path]:
             # Two runs of one model (e.g. two schedules) keep both rows, told apart by run key.
             sources[label if label not in sources else f"{label} [{run_dir.name[:6]}]"] = run_dir
         try:
-            paths.append(side_by_side(sources, roi, direction, out / f"side_by_side_s{subject}_{name}"))
+            paths.append(
+                side_by_side(sources, roi, direction, out / f"side_by_side_s{subject}_{name}")
+            )
         except DataError as err:
             log.warning("side-by-side %s (subject %s) skipped: %s", name, subject, err)
     for subject, by_model in meis.items():
@@ -375,9 +463,18 @@ def gallery(root: str | Path, out: str | Path) -> list[Path]:
                 cap.append(f"{roi} {float(a['responses'][best, k]):.2f}")
             rows.append(row)
             captions.append(cap)
-        paths.append(labelled_grid(rows, out / f"mei_gallery_s{subject}", row_labels=rois,
-                                   col_labels=list(by_model), captions=captions))
+        paths.append(
+            labelled_grid(
+                rows,
+                out / f"mei_gallery_s{subject}",
+                row_labels=rois,
+                col_labels=list(by_model),
+                captions=captions,
+            )
+        )
     if not paths:
-        raise DataError(f"no targeted or MEI arrays under {root}; run `python run.py probe=[targeted]` "
-                        "or `probe=[mei]` first")
+        raise DataError(
+            f"no targeted or MEI arrays under {root}; run `python run.py probe=[targeted]` "
+            "or `probe=[mei]` first"
+        )
     return paths

@@ -25,8 +25,10 @@ SSIM_K2 = 0.03
 
 def _pair(x: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape != x0.shape or x.ndim != 4:
-        raise ConfigError(f"perceptual measures need two (B, C, H, W) batches of one shape, "
-                          f"got {tuple(x.shape)} and {tuple(x0.shape)}")
+        raise ConfigError(
+            f"perceptual measures need two (B, C, H, W) batches of one shape, "
+            f"got {tuple(x.shape)} and {tuple(x0.shape)}"
+        )
     # float64: PSNR of a tiny perturbation and SSIM close to 1 lose digits in float32.
     return x.detach().double(), x0.detach().double()
 
@@ -51,7 +53,9 @@ def psnr(x: torch.Tensor, x0: torch.Tensor, data_range: float = 1.0) -> torch.Te
     return torch.where(mse > 0, out, torch.full_like(out, math.inf))
 
 
-def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _gaussian_window(
+    size: int, sigma: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     t = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-(t**2) / (2 * sigma**2))
     return g / g.sum()
@@ -77,7 +81,9 @@ def ssim(x: torch.Tensor, x0: torch.Tensor, data_range: float = 1.0) -> torch.Te
     cov = blur(x * x0) - mu_x * mu_y
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
-    s_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    s_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
     return s_map.flatten(1).mean(dim=1)
 
 

@@ -45,9 +45,12 @@ class StoredSubspaces:
 
 
 def produce_command(columns: dict[str, Any], roi: str) -> str:
-    model = columns.get("model", "<model>")
-    subject = columns.get("subject", "<subject>")
-    return f"python run.py experiment=subspace model={model} subject={subject} roi={roi}"
+    """The run.py command that stores `roi`'s subspaces for a run with these key columns."""
+    model = columns.get("model") or "<model>"
+    subject = columns.get("subject") or "<subject>"
+    # "all" is the probe's every-voxel Jacobian, not an ROI of the roi= group.
+    target = "probe.subspace.voxels=all" if roi == "all" else f"roi={roi}"
+    return f"python run.py experiment=subspace model={model} subject={subject} {target}"
 
 
 def _label(columns: dict[str, Any], by: Sequence[str]) -> str:
@@ -59,9 +62,13 @@ def _has_subspace_records(run_dir: Path, roi: str) -> bool:
     return path.exists() and roi in set(pd.read_parquet(path, columns=["roi"])["roi"])
 
 
-def load_subspaces(root: str | Path, roi: str, subject: int | None = None,
-                   models: Sequence[str] | None = None,
-                   by: Sequence[str] = ("model",)) -> list[StoredSubspaces]:
+def load_subspaces(
+    root: str | Path,
+    roi: str,
+    subject: int | None = None,
+    models: Sequence[str] | None = None,
+    by: Sequence[str] = ("model",),
+) -> list[StoredSubspaces]:
     """The stored subspaces of `roi` of every matching run under `root`.
 
     Runs that never ran the subspace probe on `roi` are skipped unless their model is
@@ -70,19 +77,22 @@ def load_subspaces(root: str | Path, roi: str, subject: int | None = None,
     that produces it.
     """
     store = ResultsStore(root)
-    runs = [r for r in store.runs()
-            if (subject is None or str(r["columns"].get("subject")) == str(subject))
-            and (models is None or r["columns"].get("model") in models)]
+    runs = [
+        r
+        for r in store.runs()
+        if (subject is None or str(r["columns"].get("subject")) == str(subject))
+        and (models is None or r["columns"].get("model") in models)
+    ]
     found: list[StoredSubspaces] = []
     for r in runs:
         run_dir = store.root / "runs" / r["key"]
         path = run_dir / "arrays" / f"subspace_{roi}.npz"
         if not path.exists():
             if _has_subspace_records(run_dir, roi):
+                who = _label(r["columns"], ("model", "subject"))
                 raise DataError(
-                    f"run {r['key']} ({_label(r['columns'], ('model', 'subject'))}) has subspace records "
-                    f"for {roi} but {path} is missing; rerun it with force=true: "
-                    f"`{produce_command(r['columns'], roi)} force=true`"
+                    f"run {r['key']} ({who}) has subspace records for {roi} but {path} is "
+                    f"missing; rerun it: `{produce_command(r['columns'], roi)} force=true`"
                 )
             continue
         with np.load(path, allow_pickle=False) as npz:
@@ -96,40 +106,67 @@ def load_subspaces(root: str | Path, roi: str, subject: int | None = None,
     for model in models or []:
         if not any(s.columns.get("model") == model for s in found):
             run = next((r for r in runs if r["columns"].get("model") == model), None)
-            owner = f"run {run['key']} (model={model})" if run else f"no run of model {model} ({where})"
+            owner = (
+                f"run {run['key']} (model={model})" if run else f"no run of model {model} ({where})"
+            )
             cols = run["columns"] if run else {"model": model, "subject": subject}
-            raise DataError(f"{owner} has no stored subspaces for {roi} under {root}; "
-                            f"produce them with `{produce_command(cols, roi)}`")
+            raise DataError(
+                f"{owner} has no stored subspaces for {roi} under {root}; "
+                f"produce them with `{produce_command(cols, roi)}`"
+            )
     if not found:
-        raise DataError(f"no stored subspaces for {roi} ({where}) under {root}; "
-                        f"run experiments/subspace.sh or `{produce_command({'subject': subject}, roi)}`")
+        raise DataError(
+            f"no stored subspaces for {roi} ({where}) under {root}; "
+            f"run experiments/subspace.sh or `{produce_command({'subject': subject}, roi)}`"
+        )
     labels = [s.label for s in found]
     duplicate = next((lab for lab in labels if labels.count(lab) > 1), None)
     if duplicate is not None:
         keys = [s.key for s in found if s.label == duplicate]
-        raise DataError(f"runs {keys} are all labelled {duplicate!r} by {tuple(by)}; "
-                        f"pass subject=... or a finer by=(...) such as ('model', 'subject', 'layer')")
+        raise DataError(
+            f"runs {keys} are all labelled {duplicate!r} by {tuple(by)}; "
+            f"pass subject=... or a finer by=(...) such as ('model', 'subject', 'layer')"
+        )
     shapes = {s.p.shape[1:] for s in found}
     if len(shapes) > 1:
-        raise DataError(f"stored subspaces of {roi} differ in (pixels, k): {sorted(shapes)}; "
-                        "compare runs at one image size and one probe.subspace.k")
+        raise DataError(
+            f"stored subspaces of {roi} differ in (pixels, k): {sorted(shapes)}; "
+            "compare runs at one image size and one probe.subspace.k"
+        )
     return found
 
 
-def pair_table(root: str | Path, roi: str, subject: int | None = None,
-               models: Sequence[str] | None = None, by: Sequence[str] = ("model",)) -> pd.DataFrame:
-    """Similarity and principal angles of every pair of runs (both orders, and a == b), per shared image."""
+def pair_table(
+    root: str | Path,
+    roi: str,
+    subject: int | None = None,
+    models: Sequence[str] | None = None,
+    by: Sequence[str] = ("model",),
+) -> pd.DataFrame:
+    """Similarity and principal angles per shared image, for every pair of runs.
+
+    Both orders of each pair and each run with itself (a == b) are listed.
+    """
     found = load_subspaces(root, roi, subject=subject, models=models, by=by)
     frames = []
     for a, b in itertools.combinations_with_replacement(found, 2):
         shared, ia, ib = np.intersect1d(a.image_id, b.image_id, return_indices=True)
         if len(shared) == 0:
-            raise DataError(f"runs {a.key} ({a.label}) and {b.key} ({b.label}) share no images; "
-                            "probe the same test images (same data and probe.subspace.max_images)")
+            raise DataError(
+                f"runs {a.key} ({a.label}) and {b.key} ({b.label}) share no images; "
+                "probe the same test images (same data and probe.subspace.max_images)"
+            )
         pa, pb = a.p[ia], b.p[ib]
         angles = principal_angles(pa, pb)
-        rows = pd.DataFrame({"roi": roi, "a": a.label, "b": b.label, "image_id": shared,
-                             "similarity": subspace_similarity(pa, pb)})
+        rows = pd.DataFrame(
+            {
+                "roi": roi,
+                "a": a.label,
+                "b": b.label,
+                "image_id": shared,
+                "similarity": subspace_similarity(pa, pb),
+            }
+        )
         for i in range(angles.shape[1]):
             rows[f"angle_{i + 1}"] = angles[:, i]
         frames.append(rows)
@@ -150,8 +187,13 @@ def matrix(table: pd.DataFrame, value: str = "similarity") -> pd.DataFrame:
     return out
 
 
-def similarity_matrix(root: str | Path, roi: str, subject: int | None = None,
-                      models: Sequence[str] | None = None, by: Sequence[str] = ("model",)) -> pd.DataFrame:
+def similarity_matrix(
+    root: str | Path,
+    roi: str,
+    subject: int | None = None,
+    models: Sequence[str] | None = None,
+    by: Sequence[str] = ("model",),
+) -> pd.DataFrame:
     """Model x model (or `by` labels) mean subspace similarity over shared images.
 
     `attrs` holds the random baseline k / D and the number of images behind each cell.
@@ -176,8 +218,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sim = matrix(table)
         name = f"similarity_{roi}" + (f"_s{subject}" if subject is not None else "")
         write_text(Path(args.out) / f"{name}.csv", sim.to_csv())
-        print(f"{roi}, subject {subject if subject is not None else 'any'} "
-              f"(random baseline {sim.attrs['random_baseline']:.2e}):")
+        print(
+            f"{roi}, subject {subject if subject is not None else 'any'} "
+            f"(random baseline {sim.attrs['random_baseline']:.2e}):"
+        )
         print(sim.to_string(float_format=lambda v: f"{v:.3f}"))
 
 

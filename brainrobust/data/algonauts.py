@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -49,7 +51,7 @@ def _load_npy(path: Path, **kwargs: Any) -> Any:
         raise _missing(path)
     try:
         return np.load(path, **kwargs)
-    except Exception as exc:  # numpy raises several types for a damaged file
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise DataError(f"cannot read {path} ({exc}); re-download it") from None
 
 

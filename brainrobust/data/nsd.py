@@ -21,15 +21,19 @@ import json
 import logging
 import os
 import re
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import nibabel as nib
 import numpy as np
 import scipy.io
+from nibabel.filebasedimages import ImageFileError
 from PIL import Image
+from scipy.io.matlab import MatReadError
 
 from brainrobust.data.rois import ROISpec, as_roi_specs, label_codes, read_ctab, roi_mask
 from brainrobust.errors import CacheError, ConfigError, DataError
@@ -91,7 +95,7 @@ def read_design(path: Path) -> Design:
         raise _missing(path)
     try:
         mat = scipy.io.loadmat(path)
-    except Exception as exc:  # scipy raises several unrelated types for a damaged file
+    except (OSError, ValueError, TypeError, MatReadError) as exc:
         raise DataError(f"cannot read {path} ({exc}); re-download it") from None
     missing = [k for k in ("masterordering", "subjectim", "sharedix") if k not in mat]
     if missing:
@@ -138,12 +142,21 @@ def _h5_dataset(f: h5py.File, path: Path, name: str, dtype: str, expected: str) 
     return ds
 
 
+def _box_source(ds: h5py.Dataset, path: Path) -> np.ndarray | h5py.Dataset:
+    """What to slice boxes from: a memory map for contiguous uncompressed data (the NSD
+    release), which reads a box ~4x faster than an HDF5 hyperslab; else the dataset itself."""
+    offset = ds.id.get_offset()
+    if ds.chunks is not None or offset is None:
+        return ds
+    return np.memmap(path, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
+
+
 def _read_nifti(path: Path) -> np.ndarray:
     if not path.is_file():
         raise _missing(path)
     try:
         data = np.asanyarray(nib.load(path).dataobj)
-    except Exception as exc:  # nibabel raises several types for a damaged file
+    except (OSError, ValueError, EOFError, ImageFileError, zlib.error) as exc:
         raise DataError(f"cannot read {path} ({exc}); re-download it") from None
     if data.ndim != 3:
         raise DataError(f"{path} has shape {data.shape}, expected a 3-D (X, Y, Z) volume")
@@ -290,6 +303,21 @@ def read_boxes(zyx: np.ndarray, min_saving: float = 0.3,
         else:
             done.append(idx)
     return done + groups
+
+
+def _roi_columns(masks: dict[str, np.ndarray], flat: np.ndarray, valid: np.ndarray,
+                 subject: int) -> dict[str, np.ndarray]:
+    """ROI name -> columns among the kept voxels of `flat` (the flat indices of the union)."""
+    column = np.full(len(flat), -1)
+    column[valid] = np.arange(valid.sum())
+    out = {}
+    for name, mask in masks.items():
+        cols = column[np.searchsorted(flat, np.flatnonzero(mask))]
+        if not (cols >= 0).any():
+            raise DataError(f"ROI {name!r} is empty for subject {subject}: all its voxels were "
+                            "dropped as all-zero/NaN; choose another ROI")
+        out[name] = cols[cols >= 0]
+    return out
 
 
 class NSDLoader:
@@ -448,15 +476,7 @@ class NSDLoader:
             log.warning("subject %d: dropped %d of %d ROI voxels (all-zero/constant in a session, "
                         "or NaN/inf)", subject, n_dropped, len(flat))
         keep = np.flatnonzero(valid)
-        column = np.full(len(flat), -1)
-        column[keep] = np.arange(len(keep))
-        roi_columns = {}
-        for name, mask in masks.items():
-            cols = column[np.searchsorted(flat, np.flatnonzero(mask))]
-            if not (cols >= 0).any():
-                raise DataError(f"ROI {name!r} is empty for subject {subject}: all its voxels "
-                                "were dropped as all-zero/NaN; choose another ROI")
-            roi_columns[name] = cols[cols >= 0]
+        roi_columns = _roi_columns(masks, flat, valid, subject)
 
         test = self.test_ids()
         ids = test if split == "test" else np.setdiff1d(np.unique(trial_ids), test)
@@ -470,6 +490,7 @@ class NSDLoader:
             ncsnr = ncsnr[keep]
         roi_nc = {}
         for name, cols in roi_columns.items():
+            # The ROI mean is a response of its own: z-score its series, as for a voxel.
             series = zscore_sessions(kept_trials[:, cols].mean(axis=1, dtype=np.float64))
             roi_ncsnr = ncsnr_from_trials(series[:, None], trial_ids)
             roi_nc[name] = float(noise_ceiling(roi_ncsnr, n_repeats)[0])
@@ -552,15 +573,17 @@ class NSDLoader:
                             "beta files must be the same subject's func1pt8mm grid")
                     raise DataError(f"{path}: dataset 'betas' has shape {ds.shape}, expected "
                                     f"(750, Z, Y, X) = {expected}")
-                for idx in boxes:
-                    lo, hi = zyx[idx].min(0), zyx[idx].max(0) + 1
-                    try:
-                        block = ds[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-                    except OSError as exc:
-                        raise DataError(f"cannot read {path} ({str(exc).splitlines()[0]}): "
-                                        "truncated or damaged; re-download it") from None
-                    local = zyx[idx] - lo
-                    raw[:, idx] = block[:, local[:, 0], local[:, 1], local[:, 2]]
+                try:
+                    source = _box_source(ds, path)
+                    for idx in boxes:
+                        lo, hi = zyx[idx].min(0), zyx[idx].max(0) + 1
+                        block = np.asarray(source[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+                        local = zyx[idx] - lo
+                        raw[:, idx] = block[:, local[:, 0], local[:, 1], local[:, 2]]
+                except (OSError, ValueError) as exc:
+                    raise DataError(f"cannot read {path} ({str(exc).splitlines()[0]}): "
+                                    "truncated or damaged; re-download it") from None
+                del source
             z = zscore_sessions(raw / BETA_SCALE)
             ok = np.isfinite(z).all(axis=0)
             valid &= ok

@@ -12,7 +12,8 @@ Planted structure:
   floc-places label prefer faces / bodies / places, other voxels weakly follow nuisance.
 - Each session scales (gain) and shifts (offset) every voxel, so z-scoring within session is
   needed to recover the responses; trial noise (half of it shared across voxels) sets a
-  per-voxel noise ceiling, written as ncsnr.nii.gz; values are quantised as round(300 * percent signal change) to int16.
+  per-voxel noise ceiling, written as ncsnr.nii.gz; betas are stored as int16
+  round(300 * percent signal change), 0 outside the brain.
 - Design: each image is shown 3 times; the first n_shared images are shared. Of them, 80%
   (all when every subject completes the same sessions) get their 3 trials within the sessions
   the shortest subject completes: they are the test set; the rest get their third trial later.
@@ -25,9 +26,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import h5py
 import nibabel as nib
@@ -42,7 +44,7 @@ from brainrobust.files import atomic_path, stable_hash, write_bytes, write_json,
 log = logging.getLogger(__name__)
 
 TRIALS = 750
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER = ".brainrobust_synthetic.json"  # written last: its absence means a half-written twin
 PARTIAL = ".brainrobust_synthetic.partial"  # written first: the folder is ours to rewrite
 TRUTH_JSON = "synthetic_truth.json"
@@ -186,14 +188,14 @@ def write_synthetic_nsd(root: str | os.PathLike, *, n_subjects: int = 8,
     rng = np.random.default_rng([params["seed"], 0])
     design = _design(rng, params["sessions"], params["n_shared"])
     n_images = int(design["subjectim"].max())
-    content, features = _draw_content(rng, n_images)
+    drawing, features = _draw_content(rng, n_images)
     _write_design(root, design)
     _write_stim_info(root, design, rng)
-    _write_stimuli(root, content, params["image_size"])
+    _write_stimuli(root, drawing, params["image_size"])
 
     fz = (features - features.mean(0)) / features.std(0)
     truth = SyntheticTruth(root=str(root), params=params, test_ids=design["test_ids"],
-                           sessions={}, grids={}, label_counts={}, content=content[:, :3])
+                           sessions={}, grids={}, label_counts={}, content=features[:, :3])
     for s in range(1, params["n_subjects"] + 1):
         subject_grid = tuple(g + d for g, d in zip(params["grid"], ((s - 1) % 2, (s - 1) % 3, 0)))
         n_sess = params["sessions"][s - 1]
@@ -404,26 +406,32 @@ def _write_subject(root: Path, s: int, grid: tuple[int, int, int], n_sessions: i
     trial_ids = design["subjectim"][s - 1, design["masterordering"] - 1] - 1
     gx, gy, gz = grid
     z_step = max(1, 4_000_000 // (TRIALS * gx * gy))  # slabs bound float temporaries
+    # float32 throughout: drawing the noise dominates on real-size grids.
+    loadings = (weights * amplitude[:, None]).astype(np.float32)
+    own_sd = (np.sqrt(1 - SHARED_NOISE) * noise_sd).astype(np.float32)
+    shared_sd = (np.sqrt(SHARED_NOISE) * noise_sd).astype(np.float32)
     for k in range(n_sessions):
         session_rng = np.random.default_rng([params["seed"], s, k + 1])
-        offset = session_rng.normal(0, 2.0, n_vox)
-        gain = session_rng.uniform(0.6, 1.5, n_vox)
-        x = fz[trial_ids[k * TRIALS:(k + 1) * TRIALS]]
+        offset = session_rng.normal(0, 2.0, n_vox).astype(np.float32)
+        gain = session_rng.uniform(0.6, 1.5, n_vox).astype(np.float32)
+        x = fz[trial_ids[k * TRIALS:(k + 1) * TRIALS]].astype(np.float32)
         # Trial noise shared by all voxels keeps ROI-mean noise ceilings realistic (not ~100%).
-        shared = session_rng.normal(0, 1, (TRIALS, 1))
+        shared = session_rng.standard_normal((TRIALS, 1), dtype=np.float32)
         path = betas_dir / f"betas_session{k + 1:02d}.hdf5"
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             ds = f.create_dataset("betas", (TRIALS, gz, gy, gx), np.int16)
             for z0 in range(0, gz, z_step):
                 v = np.flatnonzero((xyz[:, 2] >= z0) & (xyz[:, 2] < z0 + z_step))
-                signal = (x @ weights[v].T) * amplitude[v]
-                own = session_rng.normal(0, 1, signal.shape)
-                noise = np.sqrt(1 - SHARED_NOISE) * own + np.sqrt(SHARED_NOISE) * shared
-                noise *= noise_sd[v]
-                psc = offset[v] + gain[v] * (baseline[v] + signal + noise)
+                psc = session_rng.standard_normal((TRIALS, len(v)), dtype=np.float32)
+                psc *= own_sd[v]
+                psc += shared * shared_sd[v]
+                psc += x @ loadings[v].T
+                psc += baseline[v].astype(np.float32)
+                psc *= 300 * gain[v]
+                psc += 300 * offset[v]
+                np.clip(np.rint(psc, out=psc), -32768, 32767, out=psc)
                 slab = np.zeros((TRIALS, min(z_step, gz - z0), gy, gx), np.int16)
-                slab[:, xyz[v, 2] - z0, xyz[v, 1], xyz[v, 0]] = np.clip(
-                    np.round(300 * psc), -32768, 32767)
+                slab[:, xyz[v, 2] - z0, xyz[v, 1], xyz[v, 0]] = psc
                 ds[:, z0:z0 + z_step] = slab
     return counts
 
@@ -447,8 +455,8 @@ def _place_rois(rng: np.random.Generator, brain: np.ndarray, sizes: dict[str, in
         for label, code in codes.items():
             counts[label] = {}
             for hemi in ("lh", "rh"):
-                n = 0 if hemi in absent.get(label, ()) else int(
-                    round(sizes[label] / 2 * rng.uniform(0.8, 1.2)))
+                n = 0 if hemi in absent.get(label, ()) else round(
+                    sizes[label] / 2 * rng.uniform(0.8, 1.2))
                 free = brain & (both == 0)
                 free[slice(half, None) if hemi == "lh" else slice(None, half)] = False
                 fx, fy, fz = CENTRES[label]

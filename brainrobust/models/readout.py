@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,10 +91,14 @@ def fit_ridge(
     grid = _check_alphas(alphas)
     dev = _check_device(device)
     if backend_dtype not in (torch.float32, torch.float64):
-        raise ConfigError(f"backend_dtype={backend_dtype} is not supported; use torch.float32 or torch.float64")
+        raise ConfigError(
+            f"backend_dtype={backend_dtype} is not supported; use torch.float32 or torch.float64"
+        )
     Xt, Yt = _check_data(X, Y, dev)
     n_targets = Yt.shape[1]
-    if n_targets_batch is not None and (not isinstance(n_targets_batch, int) or n_targets_batch < 1):
+    if n_targets_batch is not None and (
+        not isinstance(n_targets_batch, int) or n_targets_batch < 1
+    ):
         raise ConfigError(f"n_targets_batch={n_targets_batch!r} must be a positive int or None")
     batch = n_targets_batch or n_targets
 
@@ -116,7 +121,9 @@ def fit_ridge(
 def _check_alphas(alphas: Any) -> np.ndarray:
     grid = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
     if grid.ndim != 1 or grid.size == 0:
-        raise ConfigError("ridge alphas must be a non-empty 1-d list of penalties, e.g. logspace(-2, 6, 9)")
+        raise ConfigError(
+            "ridge alphas must be a non-empty 1-d list of penalties, e.g. logspace(-2, 6, 9)"
+        )
     if not np.all(np.isfinite(grid)) or np.any(grid <= 0):
         raise ConfigError(f"ridge alphas must be finite and > 0, got {grid.tolist()}")
     return grid
@@ -145,13 +152,17 @@ def _check_data(X: Array, Y: Array, device: torch.device) -> tuple[torch.Tensor,
     if Yt.ndim == 1:
         Yt = Yt[:, None]
     if Xt.ndim != 2 or Yt.ndim != 2:
-        raise DataError(f"ridge needs X (n, p) and Y (n, V); got X {tuple(Xt.shape)}, Y {tuple(Yt.shape)}")
+        raise DataError(
+            f"ridge needs X (n, p) and Y (n, V); got X {tuple(Xt.shape)}, Y {tuple(Yt.shape)}"
+        )
     if Xt.shape[0] != Yt.shape[0]:
         raise DataError(
             f"X has {Xt.shape[0]} samples but Y has {Yt.shape[0]}; features and responses must list the same images"
         )
     if Xt.shape[0] < 3 or Xt.shape[1] < 1 or Yt.shape[1] < 1:
-        raise DataError(f"ridge needs >= 3 samples, >= 1 feature and >= 1 voxel; got X {tuple(Xt.shape)}, Y {tuple(Yt.shape)}")
+        raise DataError(
+            f"ridge needs >= 3 samples, >= 1 feature and >= 1 voxel; got X {tuple(Xt.shape)}, Y {tuple(Yt.shape)}"
+        )
     return Xt, Yt
 
 
@@ -255,7 +266,9 @@ Scorer = Callable[[slice, torch.Tensor], torch.Tensor]
 ScorerFactory = Callable[[_Eigenbasis, torch.Tensor, torch.Tensor, torch.Tensor, Any], Scorer]
 
 
-def _gcv_scorer(eig: _Eigenbasis, X: torch.Tensor, Y: torch.Tensor, grid: torch.Tensor, cv: Any) -> Scorer:
+def _gcv_scorer(
+    eig: _Eigenbasis, X: torch.Tensor, Y: torch.Tensor, grid: torch.Tensor, cv: Any
+) -> Scorer:
     """Negative GCV error ||y - X w_a||^2 / n / (1 - dof_a / n)^2, dof_a = tr(hat) + 1 (intercept).
 
     In the eigenbasis ||y - X w_a||^2 = ||y_out||^2 + sum_k z_k^2 a^2 / (l_k (l_k + a)^2) and
@@ -280,7 +293,9 @@ def _gcv_scorer(eig: _Eigenbasis, X: torch.Tensor, Y: torch.Tensor, grid: torch.
     return score
 
 
-def _loo_scorer(eig: _Eigenbasis, X: torch.Tensor, Y: torch.Tensor, grid: torch.Tensor, cv: Any) -> Scorer:
+def _loo_scorer(
+    eig: _Eigenbasis, X: torch.Tensor, Y: torch.Tensor, grid: torch.Tensor, cv: Any
+) -> Scorer:
     """Negative mean squared leave-one-out error, as scikit-learn's RidgeCV (cv=None,
     fit_intercept=True): looe_i = r_i / (1 - h_ii - 1/n), 1/n being the intercept's leverage.
 
@@ -309,7 +324,9 @@ def _loo_scorer(eig: _Eigenbasis, X: torch.Tensor, Y: torch.Tensor, grid: torch.
     return score
 
 
-def _kfold_scorer(eig: _Eigenbasis, X: torch.Tensor, Y: torch.Tensor, grid: torch.Tensor, cv: Any) -> Scorer:
+def _kfold_scorer(
+    eig: _Eigenbasis, X: torch.Tensor, Y: torch.Tensor, grid: torch.Tensor, cv: Any
+) -> Scorer:
     """Negative held-out mean squared error pooled over K folds; each training part is centred
     with its own means and decomposed once for all penalties."""
     n = X.shape[0]
@@ -348,7 +365,9 @@ def _splitter(cv: Any, n: int) -> Any:
     raise ConfigError(f"cv={cv!r} must be a number of folds or a scikit-learn splitter")
 
 
-def _eigen_solver(make_scorer: ScorerFactory) -> Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _eigen_solver(
+    make_scorer: ScorerFactory,
+) -> Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]:
     def solve(X: torch.Tensor, Y: torch.Tensor, grid: np.ndarray, cv: Any, batch: int):
         eig = _Eigenbasis(X)
         grid_t = torch.as_tensor(grid, dtype=torch.float64, device=X.device)
@@ -383,7 +402,7 @@ def _himalaya_solver(X: torch.Tensor, Y: torch.Tensor, grid: np.ndarray, cv: Any
             alphas=grid,
             cv=splitter,
             fit_intercept=False,  # X and Y arrive centred
-            solver_params=dict(n_targets_batch=batch, n_targets_batch_refit=batch),
+            solver_params={"n_targets_batch": batch, "n_targets_batch_refit": batch},
         )
         if on_gpu:
             model.fit(X, Y)
@@ -423,9 +442,14 @@ def pearson_r(y_true: Array, y_pred: Array) -> np.ndarray:
     -------
     (V,) float64; 0 for a column that is constant in either input (no warning).
     """
-    t, p = (np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64) for a in (y_true, y_pred))
+    t, p = (
+        np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+        for a in (y_true, y_pred)
+    )
     if t.shape != p.shape or t.ndim not in (1, 2) or t.shape[0] < 2:
-        raise DataError(f"pearson_r needs two (n, V) arrays of the same shape with n >= 2; got {t.shape} and {p.shape}")
+        raise DataError(
+            f"pearson_r needs two (n, V) arrays of the same shape with n >= 2; got {t.shape} and {p.shape}"
+        )
     if t.ndim == 1:
         t, p = t[:, None], p[:, None]
     tc, pc = t - t.mean(0), p - p.mean(0)
@@ -451,9 +475,14 @@ def _to_json(value: Any) -> Any:
             return obj.item()
         if isinstance(obj, Path):
             return str(obj)
-        raise TypeError(f"readout metadata value {obj!r} is not JSON-serialisable")
+        raise TypeError(type(obj).__name__)
 
-    return json.loads(json.dumps(value, default=default, sort_keys=True))
+    try:
+        return json.loads(json.dumps(value, default=default, sort_keys=True))
+    except TypeError as exc:
+        raise ConfigError(
+            f"readout metadata holds a {exc} value; pass str, numbers, lists or dicts"
+        ) from exc
 
 
 class LinearReadout(torch.nn.Module):
@@ -475,11 +504,16 @@ class LinearReadout(torch.nn.Module):
         info: dict[str, Any] | None = None,
     ):
         super().__init__()
-        w = torch.as_tensor(np.asarray(weights) if not isinstance(weights, torch.Tensor) else weights, dtype=torch.float32)
-        b = torch.as_tensor(np.asarray(intercept) if not isinstance(intercept, torch.Tensor) else intercept, dtype=torch.float32)
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        b = torch.as_tensor(intercept, dtype=torch.float32)
         if w.ndim != 2 or b.shape != (w.shape[1],):
-            raise DataError(f"readout weights must be (p, V) and intercept (V,); got {tuple(w.shape)} and {tuple(b.shape)}")
-        a = torch.full((w.shape[1],), math.nan, dtype=torch.float64) if alphas is None else torch.as_tensor(alphas, dtype=torch.float64)
+            raise DataError(
+                f"readout weights must be (p, V) and intercept (V,); got {tuple(w.shape)} and {tuple(b.shape)}"
+            )
+        if alphas is None:
+            a = torch.full((w.shape[1],), math.nan, dtype=torch.float64)
+        else:
+            a = torch.as_tensor(alphas, dtype=torch.float64)
         if a.shape != b.shape:
             raise DataError(f"readout alphas must be (V,) = {tuple(b.shape)}; got {tuple(a.shape)}")
         self.register_buffer("weights", w.contiguous())
@@ -490,7 +524,12 @@ class LinearReadout(torch.nn.Module):
     @classmethod
     def from_fit(cls, fit: RidgeFit) -> LinearReadout:
         """Readout holding a `RidgeFit`'s weights, intercept and penalties."""
-        return cls(fit.weights, fit.intercept, fit.alphas, info={"method": fit.method, "alpha_grid": fit.alpha_grid})
+        return cls(
+            fit.weights,
+            fit.intercept,
+            fit.alphas,
+            info={"method": fit.method, "alpha_grid": fit.alpha_grid},
+        )
 
     @property
     def n_features(self) -> int:
@@ -514,18 +553,27 @@ class LinearReadout(torch.nn.Module):
         `metadata` (model, layer, subject, rois, train ids checksum, ...) is stored with the
         fit's own (method, alpha_grid) and the shapes, each value as a JSON string.
         """
-        own = {**self.info, "format": FORMAT, "n_features": self.n_features, "n_voxels": self.n_voxels}
+        own = {
+            **self.info,
+            "format": FORMAT,
+            "n_features": self.n_features,
+            "n_voxels": self.n_voxels,
+        }
         given = _to_json(metadata)
         clash = sorted(k for k in own.keys() & given.keys() if own[k] != given[k])
         if clash:
-            raise ConfigError(f"readout metadata {clash} contradicts the fit's own values {[own[k] for k in clash]}; drop those keys")
+            raise ConfigError(
+                f"readout metadata {clash} contradicts the fit's own values {[own[k] for k in clash]}; drop those keys"
+            )
         stored = {str(k): json.dumps(v, sort_keys=True) for k, v in {**given, **own}.items()}
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=stored)
 
     @classmethod
-    def load(cls, path: str | Path, expect: dict[str, Any] | None = None) -> tuple[LinearReadout, dict[str, Any]]:
+    def load(
+        cls, path: str | Path, expect: dict[str, Any] | None = None
+    ) -> tuple[LinearReadout, dict[str, Any]]:
         """Read a readout written by `save`; returns (readout, metadata).
 
         Raises CacheError naming the file when it is missing, damaged, of another shape or
@@ -538,17 +586,24 @@ class LinearReadout(torch.nn.Module):
         try:
             with safe_open(str(path), framework="pt") as fh:
                 raw = fh.metadata() or {}
-                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+                names = fh.keys()
+                tensors = {name: fh.get_tensor(name) for name in names}
             meta = {k: json.loads(v) for k, v in raw.items()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CacheError(f"readout file {path} is unreadable ({exc}); {refit}") from exc
         if meta.get("format") != FORMAT or set(tensors) != set(_TENSORS):
-            raise CacheError(f"readout file {path} is not a {FORMAT} file (tensors {sorted(tensors)}); {refit}")
+            raise CacheError(
+                f"readout file {path} is not a {FORMAT} file (tensors {sorted(tensors)}); {refit}"
+            )
         w, b, a = (tensors[name] for name in _TENSORS)
         p, v = meta.get("n_features"), meta.get("n_voxels")
         if (
-            w.dtype != torch.float32 or b.dtype != torch.float32 or a.dtype != torch.float64
-            or tuple(w.shape) != (p, v) or tuple(b.shape) != (v,) or tuple(a.shape) != (v,)
+            w.dtype != torch.float32
+            or b.dtype != torch.float32
+            or a.dtype != torch.float64
+            or tuple(w.shape) != (p, v)
+            or tuple(b.shape) != (v,)
+            or tuple(a.shape) != (v,)
         ):
             raise CacheError(
                 f"readout file {path} holds weights {tuple(w.shape)} {w.dtype}, intercept {tuple(b.shape)}, "
@@ -556,6 +611,8 @@ class LinearReadout(torch.nn.Module):
             )
         for key, want in _to_json(expect or {}).items():
             if key not in meta or meta[key] != want:
-                raise CacheError(f"readout file {path} was fit for {key}={meta.get(key)!r}, not {want!r}; {refit}")
+                raise CacheError(
+                    f"readout file {path} was fit for {key}={meta.get(key)!r}, not {want!r}; {refit}"
+                )
         info = {k: meta[k] for k in ("method", "alpha_grid") if k in meta}
         return cls(w, b, a, info=info), meta

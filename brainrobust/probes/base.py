@@ -48,6 +48,8 @@ class Probe(L.Callback):
     """Base class. Subclasses set `name` and implement `run`."""
 
     name: str = "probe"
+    # Rows of the per-image table sent to W&B; the full records are always in the store.
+    table_rows: int = 20_000
 
     def __init__(self, rois: list[str] | None = None, max_images: int | None = None,
                  force: bool = False):
@@ -102,3 +104,6 @@ class Probe(L.Callback):
         log.info("probe %s: %d records -> %s", self.name, len(records), path)
         for lg in trainer.loggers:
             lg.log_metrics(self.summary(records))
+            if hasattr(lg, "log_table"):
+                # W&B: the per-image records as a table, so the UI can slice by model/ROI/eps.
+                lg.log_table(key=f"{self.name}/records", dataframe=records.head(self.table_rows))

@@ -15,7 +15,8 @@ perturbations feed the transfer probe (kind effect_matched).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd

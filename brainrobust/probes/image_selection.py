@@ -14,9 +14,10 @@ image ids -1, -2, ... in records and arrays (NSD ids are >= 0).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,22 @@ SELECT = ("top", "bottom", "first")
 RANK_BY = ("predicted", "measured")
 # Modes PIL converts to 8-bit RGB without losing the meaning of the values; 16-bit and float
 # images ("I;16", "I", "F") would be clipped to 255 by convert("RGB"), so they are refused.
-RGB_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+RGB_MODES = {
+    "1",
+    "L",
+    "LA",
+    "La",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+}
 
 
 @dataclass(frozen=True)
@@ -41,19 +57,27 @@ class ImageSelection:
     files: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
-    def parse(cls, spec: Mapping[str, Any] | Sequence[str] | str, probe: str) -> "ImageSelection":
+    def parse(cls, spec: Mapping[str, Any] | Sequence[str] | str, probe: str) -> ImageSelection:
         """Validate a config value (mapping or list of files); ConfigError on anything else."""
         if isinstance(spec, (str, Path)):
             spec = [spec]
         if isinstance(spec, Mapping):
             unknown = sorted(set(spec) - {"select", "n", "by", "files"})
             if unknown:
-                raise ConfigError(f"{probe}.images: unknown key(s) {unknown}; use select, n, by or files")
+                raise ConfigError(
+                    f"{probe}.images: unknown key(s) {unknown}; use select, n, by or files"
+                )
             if spec.get("files"):
                 return cls.parse(list(spec["files"]), probe)
-            sel = cls(select=str(spec.get("select", "top")), n=spec.get("n", 4), by=str(spec.get("by", "predicted")))
+            sel = cls(
+                select=str(spec.get("select", "top")),
+                n=spec.get("n", 4),
+                by=str(spec.get("by", "predicted")),
+            )
             if sel.select not in SELECT:
-                raise ConfigError(f"{probe}.images.select must be one of {SELECT}, got {sel.select!r}")
+                raise ConfigError(
+                    f"{probe}.images.select must be one of {SELECT}, got {sel.select!r}"
+                )
             if sel.by not in RANK_BY:
                 raise ConfigError(f"{probe}.images.by must be one of {RANK_BY}, got {sel.by!r}")
             if not isinstance(sel.n, int) or isinstance(sel.n, bool) or sel.n < 1:
@@ -61,12 +85,20 @@ class ImageSelection:
             return sel
         files = tuple(str(f) for f in spec)
         if not files:
-            raise ConfigError(f"{probe}.images: give {{select: top, n: 4}} or a non-empty list of image files")
+            raise ConfigError(
+                f"{probe}.images: give {{select: top, n: 4}} or a non-empty list of image files"
+            )
         return cls(select="files", n=len(files), files=files)
 
-    def resolve(self, encoder: torch.nn.Module, images: torch.Tensor, image_ids: np.ndarray, roi: str,
-                responses: np.ndarray | None = None,
-                batch_size: int = 64) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    def resolve(
+        self,
+        encoder: torch.nn.Module,
+        images: torch.Tensor,
+        image_ids: np.ndarray,
+        roi: str,
+        responses: np.ndarray | None = None,
+        batch_size: int = 64,
+    ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
         """The start images (n, 3, S, S) on images.device, their ids, and the file names (or [])."""
         if self.files:
             loaded = load_image_files(self.files, int(encoder.input_size)).to(images.device)
@@ -86,12 +118,17 @@ class ImageSelection:
         return images[torch.as_tensor(idx, device=images.device)], np.asarray(image_ids)[idx], []
 
 
-def predicted_responses(encoder: torch.nn.Module, images: torch.Tensor, roi: str,
-                        batch_size: int = 64) -> torch.Tensor:
+def predicted_responses(
+    encoder: torch.nn.Module, images: torch.Tensor, roi: str, batch_size: int = 64
+) -> torch.Tensor:
     """The ROI's predicted response to every image, (n,), without building a graph."""
     with torch.no_grad():
-        return torch.cat([encoder.roi_response(images[i:i + batch_size], roi)
-                          for i in range(0, len(images), batch_size)])
+        return torch.cat(
+            [
+                encoder.roi_response(images[i : i + batch_size], roi)
+                for i in range(0, len(images), batch_size)
+            ]
+        )
 
 
 def load_image_file(path: str | Path, size: int) -> np.ndarray:
@@ -109,7 +146,9 @@ def load_image_file(path: str | Path, size: int) -> np.ndarray:
                 )
             rgb = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"image file {path} cannot be read as an image ({err}); give a PNG or JPEG") from None
+        raise DataError(
+            f"image file {path} cannot be read as an image ({err}); give a PNG or JPEG"
+        ) from None
     w, h = rgb.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2

@@ -10,16 +10,17 @@ product with a batch of tangents returns every image's own J_b v_b.
 
 Randomized subspace iteration (Halko, Martinsson & Tropp 2011, algorithm 4.4), l = k + oversample:
 
-    Z_0 = G                                  G ~ N(0, 1), V x l
+    Y = J^T G                                G ~ N(0, 1), V x l: l vector-Jacobian products
     repeat `iters` times:
-        Q = orth(J^T Z)                      l vector-Jacobian products
-        Z = orth(J Q)                        l Jacobian-vector products
-    Y = J^T Z = U S W^T   (thin SVD)         l vector-Jacobian products
+        Z = orth(J orth(Y))                  l Jacobian-vector products
+        Y = J^T Z                            l vector-Jacobian products
+    Y = U S W^T   (thin SVD)
     P = U[:, :k], sigma = S[:k]
 
-The last step is the Rayleigh-Ritz projection of J onto range(Z): Z Z^T J = (Z W) S U^T, so its
-right singular vectors come from the final J^T Z with no extra product. Cost: l (2 iters + 1)
-products per image instead of the V products of the exact Jacobian.
+range(Y) is range((J^T J)^iters J^T G), so the gap sigma_k / sigma_(l+1) is raised to the power
+2 iters + 1. The last step is the Rayleigh-Ritz projection of J onto range(Z): Z Z^T J =
+(Z W) S U^T, so its right singular vectors come from the final J^T Z with no extra product.
+Cost: l (2 iters + 1) products per image instead of the V products of the exact Jacobian.
 """
 
 from __future__ import annotations
@@ -61,8 +62,13 @@ class JacobianProducts:
         a forward-mode formula.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int = 32,
-                 jvp_mode: Literal["auto", "forward", "double_vjp"] = "auto"):
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        x: Tensor,
+        chunk: int = 32,
+        jvp_mode: Literal["auto", "forward", "double_vjp"] = "auto",
+    ):
         if jvp_mode not in JVP_MODES:
             raise ConfigError(f"jvp_mode must be one of {JVP_MODES}, got {jvp_mode!r}")
         if chunk < 1:
@@ -70,7 +76,9 @@ class JacobianProducts:
         self.fn, self.x, self.chunk, self.jvp_mode = fn, x, chunk, jvp_mode
         out, self._vjp_fn = vjp(fn, x)
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"fn must map (B, ...) to (B, V); got {tuple(x.shape)} -> {tuple(out.shape)}")
+            raise ValueError(
+                f"fn must map (B, ...) to (B, V); got {tuple(x.shape)} -> {tuple(out.shape)}"
+            )
         self.out = out.detach()
         self.n_out = out.shape[1]
         self.n_in = x[0].numel()
@@ -78,8 +86,9 @@ class JacobianProducts:
 
     def jt(self, u: Tensor) -> Tensor:
         """(B, V, l) cotangents -> (B, D, l) = J_b^T u_b for each image b."""
-        cols = vmap(lambda c: self._vjp_fn(c)[0], in_dims=2, out_dims=-1,
-                    chunk_size=self.chunk)(u.to(self.out.dtype))
+        cols = vmap(lambda c: self._vjp_fn(c)[0], in_dims=2, out_dims=-1, chunk_size=self.chunk)(
+            u.to(self.out.dtype)
+        )
         return cols.reshape(u.shape[0], self.n_in, u.shape[2])
 
     def j(self, v: Tensor) -> Tensor:
@@ -104,17 +113,23 @@ class JacobianProducts:
         return self.jt(eye.expand(self.x.shape[0], -1, -1)).transpose(1, 2)
 
     def _forward(self, tangents: Tensor) -> Tensor:
-        return vmap(lambda t: jvp(self.fn, (self.x,), (t,))[1], in_dims=-1, out_dims=-1,
-                    chunk_size=self.chunk)(tangents)
+        return vmap(
+            lambda t: jvp(self.fn, (self.x,), (t,))[1],
+            in_dims=-1,
+            out_dims=-1,
+            chunk_size=self.chunk,
+        )(tangents)
 
     def _double(self, tangents: Tensor) -> Tensor:
         if self._double_vjp_fn is None:
             # u -> J^T u is linear; its own VJP at any u (here 0) applied to v is J v. Built once
             # per batch, so every later call is a single backward through the stored graph.
-            _, self._double_vjp_fn = vjp(lambda u: vjp(self.fn, self.x)[1](u)[0],
-                                         torch.zeros_like(self.out))
-        return vmap(lambda t: self._double_vjp_fn(t)[0], in_dims=-1, out_dims=-1,
-                    chunk_size=self.chunk)(tangents)
+            _, self._double_vjp_fn = vjp(
+                lambda u: vjp(self.fn, self.x)[1](u)[0], torch.zeros_like(self.out)
+            )
+        return vmap(
+            lambda t: self._double_vjp_fn(t)[0], in_dims=-1, out_dims=-1, chunk_size=self.chunk
+        )(tangents)
 
 
 def top_k_right_singular(
@@ -199,16 +214,20 @@ def orthonormalize(a: Tensor) -> Tensor:
 
 def _as_numpy(a: np.ndarray | Tensor) -> np.ndarray:
     if isinstance(a, Tensor):
-        a = a.detach().cpu()
-    return np.asarray(a, dtype=np.float64)
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    # float32 or float64 as given (large stacks stay small); fp16 products are too coarse.
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
 
 
 def _cosines(p: np.ndarray | Tensor, q: np.ndarray | Tensor) -> np.ndarray:
     """Cosines of the principal angles (..., k), descending, for orthonormal (..., D, k) bases."""
     p, q = _as_numpy(p), _as_numpy(q)
     if p.shape != q.shape or p.ndim < 2:
-        raise ValueError(f"subspaces must have equal shapes (..., D, k); got {p.shape} and {q.shape}")
-    cos = np.linalg.svd(np.swapaxes(p, -1, -2) @ q, compute_uv=False)
+        raise ValueError(
+            f"subspaces must have equal shapes (..., D, k); got {p.shape} and {q.shape}"
+        )
+    cos = np.linalg.svd((np.swapaxes(p, -1, -2) @ q).astype(np.float64), compute_uv=False)
     return np.clip(cos, 0.0, 1.0)
 
 

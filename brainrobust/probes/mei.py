@@ -27,7 +27,8 @@ and SSIM against the start image.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,9 +42,9 @@ from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.image_selection import ImageSelection, predicted_responses
 
 # lucent's square root of the ImageNet colour correlation matrix (columns = decorrelated axes).
-COLOR_CORRELATION_SVD_SQRT = torch.tensor([[0.26, 0.09, 0.02],
-                                           [0.27, 0.00, -0.05],
-                                           [0.27, -0.09, 0.03]])
+COLOR_CORRELATION_SVD_SQRT = torch.tensor(
+    [[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]]
+)
 COLOR_MATRIX = COLOR_CORRELATION_SVD_SQRT / COLOR_CORRELATION_SVD_SQRT.norm(dim=0).max()
 # lucent divides the inverse FFT by this constant so that the initial image has a sane range.
 FFT_MAGIC = 4.0
@@ -60,7 +61,7 @@ def spectrum_scale(size: int, decay_power: float) -> torch.Tensor:
 
 
 class FourierImage(nn.Module):
-    """A batch of images (B, 3, S, S) in (0, 1) parametrised by a scaled, colour-decorrelated spectrum.
+    """Images (B, 3, S, S) in (0, 1) parametrised by a scaled, colour-decorrelated spectrum.
 
     Parameters
     ----------
@@ -78,9 +79,17 @@ class FourierImage(nn.Module):
         Seeds the initial spectrum.
     """
 
-    def __init__(self, batch: int, size: int, decay_power: float = 1.0, decorrelate: bool = True,
-                 sd: float = 0.01, init: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        batch: int,
+        size: int,
+        decay_power: float = 1.0,
+        decorrelate: bool = True,
+        sd: float = 0.01,
+        init: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ):
         super().__init__()
         self.size = size
         self.decorrelate = decorrelate
@@ -105,14 +114,22 @@ class FourierImage(nn.Module):
 
     def forward(self) -> torch.Tensor:
         spectrum = torch.view_as_complex(self.spectrum) * self.scale
-        image = torch.fft.irfftn(spectrum, s=(self.size, self.size), dim=(-2, -1), norm="ortho") / FFT_MAGIC
+        image = (
+            torch.fft.irfftn(spectrum, s=(self.size, self.size), dim=(-2, -1), norm="ortho")
+            / FFT_MAGIC
+        )
         if self.decorrelate:
             image = self._mix(image, self.color)
         return torch.sigmoid(image)
 
 
-def random_affine(x: torch.Tensor, jitter: float, scale: tuple[float, float], rotate: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor,
+    jitter: float,
+    scale: tuple[float, float],
+    rotate: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Each image under its own random shift (px), zoom and rotation (degrees); differentiable."""
     b, size = x.shape[0], x.shape[-1]
 
@@ -133,7 +150,9 @@ def pairwise_cosine(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity of (x - 0.5) between different images of the same group."""
     v = F.normalize((x - 0.5).flatten(1), dim=1)
     sim = v @ v.T
-    same = (groups[:, None] == groups[None, :]) & ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+    same = (groups[:, None] == groups[None, :]) & ~torch.eye(
+        len(x), dtype=torch.bool, device=x.device
+    )
     if not same.any():
         return sim.new_zeros(())
     return sim[same].mean()
@@ -149,18 +168,30 @@ def roi_weights(encoder: nn.Module, targets: Sequence[str], device: torch.device
     return m
 
 
-def optimise_mei(encoder: nn.Module, targets: Sequence[str], size: int, steps: int = 256, lr: float = 0.05,
-                 decay_power: float = 1.0, decorrelate: bool = True, jitter: float = 0.0,
-                 scale: tuple[float, float] = (1.0, 1.0), rotate: float = 0.0, diversity: float = 0.0,
-                 init: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def optimise_mei(
+    encoder: nn.Module,
+    targets: Sequence[str],
+    size: int,
+    steps: int = 256,
+    lr: float = 0.05,
+    decay_power: float = 1.0,
+    decorrelate: bool = True,
+    jitter: float = 0.0,
+    scale: tuple[float, float] = (1.0, 1.0),
+    rotate: float = 0.0,
+    diversity: float = 0.0,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximise each targets[b]'s predicted response over image b; one batched Adam run.
 
     Returns the final images (B, 3, S, S) in (0, 1), untransformed, and their start images.
     """
     device = torch.device(device)
-    param = FourierImage(len(targets), size, decay_power, decorrelate, init=init,
-                         generator=generator, device=device)
+    param = FourierImage(
+        len(targets), size, decay_power, decorrelate, init=init, generator=generator, device=device
+    )
     weights = roi_weights(encoder, targets, device)
     groups = torch.tensor([sorted(set(targets)).index(t) for t in targets], device=device)
     transform = jitter > 0 or scale != (1.0, 1.0) or rotate > 0
@@ -204,7 +235,11 @@ class MEIProbe(Probe):
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
         self.start = None if start == "noise" else ImageSelection.parse(start, "mei.start")
-        for key, value, low in (("seeds", seeds, 1), ("steps", steps, 1), ("batch_size", batch_size, 1)):
+        for key, value, low in (
+            ("seeds", seeds, 1),
+            ("steps", steps, 1),
+            ("batch_size", batch_size, 1),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"mei.{key} must be an integer >= {low}, got {value!r}")
         if not lr > 0:
@@ -214,23 +249,35 @@ class MEIProbe(Probe):
         t = dict(transforms or {})
         unknown = sorted(set(t) - {"jitter", "scale", "rotate"})
         if unknown:
-            raise ConfigError(f"mei.transforms: unknown key(s) {unknown}; use jitter, scale, rotate")
+            raise ConfigError(
+                f"mei.transforms: unknown key(s) {unknown}; use jitter, scale, rotate"
+            )
         self.jitter = float(t.get("jitter", 0.0))
         self.scale = tuple(float(s) for s in t.get("scale", (1.0, 1.0)))
         self.rotate = float(t.get("rotate", 0.0))
-        if self.jitter < 0 or self.rotate < 0 or len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ConfigError("mei.transforms: jitter and rotate >= 0, scale a [low, high] pair with 0 < low <= high")
+        if (
+            self.jitter < 0
+            or self.rotate < 0
+            or len(self.scale) != 2
+            or not 0 < self.scale[0] <= self.scale[1]
+        ):
+            raise ConfigError(
+                "mei.transforms: jitter and rotate >= 0, "
+                "scale a [low, high] pair with 0 < low <= high"
+            )
         self.seeds, self.steps, self.lr = seeds, steps, lr
         self.decay_power, self.decorrelate, self.diversity = decay_power, decorrelate, diversity
         self.batch_size = batch_size
         self.save_media = save_media
 
-    def _starts(self, encoder: nn.Module, ctx: ProbeContext, roi: str,
-                images: torch.Tensor, ids: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray, str]:
+    def _starts(
+        self, encoder: nn.Module, ctx: ProbeContext, roi: str, images: torch.Tensor, ids: np.ndarray
+    ) -> tuple[torch.Tensor | None, np.ndarray, str]:
         if self.start is None:
             return None, np.full(self.seeds, -1, dtype=np.int64), "noise"
-        x, start_ids, files = self.start.resolve(encoder, images, ids, roi, ctx.responses[: len(ids)],
-                                                 self.batch_size)
+        x, start_ids, files = self.start.resolve(
+            encoder, images, ids, roi, ctx.responses[: len(ids)], self.batch_size
+        )
         return x, start_ids, "file" if files else "image"
 
     def run(self, encoder: nn.Module, ctx: ProbeContext) -> pd.DataFrame:
@@ -238,7 +285,9 @@ class MEIProbe(Probe):
         all_rois = list(ctx.rois)
         size = int(encoder.input_size)
         # Test-set predictions calibrate the MEI responses: z = (r - mean) / sd over test images.
-        test_pred = torch.stack([predicted_responses(encoder, images, roi, self.batch_size) for roi in all_rois], 1)
+        test_pred = torch.stack(
+            [predicted_responses(encoder, images, roi, self.batch_size) for roi in all_rois], 1
+        )
         test_mean, test_sd = test_pred.mean(0), test_pred.std(0).clamp_min(1e-12)
 
         targets, inits, start_ids, start_kind = [], [], [], []
@@ -251,23 +300,47 @@ class MEIProbe(Probe):
                 inits.append(x0)
         init = torch.cat(inits) if inits else None
         mei, start = optimise_mei(
-            encoder, targets, size, steps=self.steps, lr=self.lr, decay_power=self.decay_power,
-            decorrelate=self.decorrelate, jitter=self.jitter, scale=self.scale, rotate=self.rotate,
-            diversity=self.diversity, init=init, generator=ctx.generator(), device=ctx.device,
+            encoder,
+            targets,
+            size,
+            steps=self.steps,
+            lr=self.lr,
+            decay_power=self.decay_power,
+            decorrelate=self.decorrelate,
+            jitter=self.jitter,
+            scale=self.scale,
+            rotate=self.rotate,
+            diversity=self.diversity,
+            init=init,
+            generator=ctx.generator(),
+            device=ctx.device,
         )
         with torch.no_grad():
-            resp = torch.stack([predicted_responses(encoder, mei, roi, self.batch_size) for roi in all_rois], 1)
-            resp0 = torch.stack([predicted_responses(encoder, start, roi, self.batch_size) for roi in all_rois], 1)
+            resp = torch.stack(
+                [predicted_responses(encoder, mei, roi, self.batch_size) for roi in all_rois], 1
+            )
+            resp0 = torch.stack(
+                [predicted_responses(encoder, start, roi, self.batch_size) for roi in all_rois], 1
+            )
         measures = {k: v.cpu().numpy() for k, v in perceptual_measures(mei, start).items()}
         start_ids = np.concatenate(start_ids)
-        seed = np.concatenate([np.arange((np.asarray(targets) == roi).sum()) for roi in dict.fromkeys(targets)])
+        seed = np.concatenate(
+            [np.arange((np.asarray(targets) == roi).sum()) for roi in dict.fromkeys(targets)]
+        )
         rows = []
         for b, target in enumerate(targets):
-            common = {"target_roi": target, "seed": int(seed[b]), "start": start_kind[b],
-                      "image_id": int(start_ids[b])}
+            common = {
+                "target_roi": target,
+                "mei_seed": int(seed[b]),
+                "start": start_kind[b],
+                "image_id": int(start_ids[b]),
+            }
             for k, roi in enumerate(all_rois):
-                for metric, value in (("response", resp[b, k]), ("response_change", resp[b, k] - resp0[b, k]),
-                                      ("response_z", (resp[b, k] - test_mean[k]) / test_sd[k])):
+                for metric, value in (
+                    ("response", resp[b, k]),
+                    ("response_change", resp[b, k] - resp0[b, k]),
+                    ("response_z", (resp[b, k] - test_mean[k]) / test_sd[k]),
+                ):
                     rows.append({**common, "roi": roi, "metric": metric, "value": float(value)})
             for metric, values in measures.items():
                 rows.append({**common, "roi": None, "metric": metric, "value": float(values[b])})
@@ -280,9 +353,13 @@ class MEIProbe(Probe):
         for roi in dict.fromkeys(targets):
             sel = np.flatnonzero(np.asarray(targets) == roi)
             per_roi[roi] = {
-                "images": mei[sel].cpu().numpy(), "start_images": start[sel].cpu().numpy(),
-                "responses": resp[sel].cpu().numpy(), "rois": np.array(all_rois), "target_roi": np.array(roi),
-                "image_id": start_ids[sel], "seed": seed[sel],
+                "images": mei[sel].cpu().numpy(),
+                "start_images": start[sel].cpu().numpy(),
+                "responses": resp[sel].cpu().numpy(),
+                "rois": np.array(all_rois),
+                "target_roi": np.array(roi),
+                "image_id": start_ids[sel],
+                "mei_seed": seed[sel],
                 "model": np.array(str(encoder.meta.get("model", ""))),
                 "robust": np.array(bool(encoder.meta.get("robust", False))),
             }

@@ -12,7 +12,7 @@ for the clean image (computed once, without gradients) and returns one value per
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor

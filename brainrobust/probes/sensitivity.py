@@ -93,21 +93,22 @@ class SensitivityProbe(Probe):
         deltas = []
         for start in range(0, len(images), self.batch_size):
             x = images[start:start + self.batch_size]
-            xe, eps_e, ladder = expand_ladder(x, self.eps.tolist())
+            xe, eps_e, ladder_idx = expand_ladder(x, self.eps.tolist())
             image_idx = start + torch.arange(len(x)).repeat(n_eps)
-            result = pgd(make_objective(encoder, roi, self.objective, xe), xe, eps_e.to(x.device),
+            result = pgd(make_objective(encoder, roi, self.objective, xe), xe, eps_e,
                          self.attack, generator=generator)
             with torch.no_grad():
                 r_clean = encoder.roi_response(xe, roi)
                 r_adv = encoder.roi_response(xe + result.delta, roi)
                 random_effects = torch.stack([
                     (encoder.roi_response(xe + random_perturbation(
-                        xe, eps_e.to(x.device), self.attack.norm, generator, match_norm=result.norm), roi)
+                        xe, eps_e, self.attack.norm, generator, match_norm=result.norm), roi)
                      - r_clean).abs()
                     for _ in range(self.random_draws)
                 ])
             s = r_clean - r_adv
-            for name, value in (("image", image_idx), ("eps", eps_e), ("r_clean", r_clean),
+            # The configured budgets themselves (float64), not their float32 copies in eps_e.
+            for name, value in (("image", image_idx), ("eps", self.eps[ladder_idx.cpu()]), ("r_clean", r_clean),
                                 ("r_adv", r_adv), ("s", s), ("abs_s", s.abs()), ("norm", result.norm),
                                 ("steps_used", result.steps_used),
                                 ("random_abs_s", random_effects.mean(0)),

@@ -78,12 +78,14 @@ class SubspaceProbe(Probe):
             if not ok:
                 raise ConfigError(f"probe.subspace.{message}")
         self.k, self.oversample, self.iters, self.method = k, oversample, iters, method
-        self.voxels, self.batch_size, self.chunk, self.jvp_mode = voxels, batch_size, chunk, jvp_mode
+        self.voxels, self.batch_size = voxels, batch_size
+        self.chunk, self.jvp_mode = chunk, jvp_mode
 
     def targets(self, encoder: torch.nn.Module) -> dict[str, torch.Tensor | None]:
-        """Name -> voxel columns of each Jacobian (None = every voxel), with k checked against it."""
+        """Name -> voxel columns of each Jacobian (None = every voxel); k checked against each."""
         if self.voxels == "all":
-            n_all = int(encoder(self.context.images[:1].to(self.context.device)).shape[1])
+            with torch.no_grad():
+                n_all = int(encoder(self.context.images[:1].to(self.context.device)).shape[1])
             sizes, targets = {"all": n_all}, {"all": None}
         else:
             targets = {roi: encoder.rois[roi] for roi in self.selected_rois()}
@@ -91,8 +93,8 @@ class SubspaceProbe(Probe):
         for name, size in sizes.items():
             if self.k > size:
                 raise ConfigError(
-                    f"probe.subspace.k={self.k} exceeds the {size} voxels of {name}: J has rank <= {size}; "
-                    f"set probe.subspace.k <= {size}"
+                    f"probe.subspace.k={self.k} exceeds the {size} voxels of {name}: "
+                    f"J has rank <= {size}; set probe.subspace.k <= {size}"
                 )
         return targets
 
@@ -109,8 +111,13 @@ class SubspaceProbe(Probe):
             records[setting] = getattr(self, setting)
         return records
 
-    def subspaces(self, encoder: torch.nn.Module, idx: torch.Tensor | None, images: torch.Tensor,
-                  generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def subspaces(
+        self,
+        encoder: torch.nn.Module,
+        idx: torch.Tensor | None,
+        images: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """P (n, D, k) fp16 and sigma (n, k) float64 for every image, batch by batch."""
         if idx is None:
             fn = encoder
@@ -123,8 +130,14 @@ class SubspaceProbe(Probe):
         ps, sigmas = [], []
         for start in range(0, len(images), self.batch_size):
             p, sigma = top_k_right_singular(
-                fn, images[start:start + self.batch_size], self.k, oversample=self.oversample,
-                iters=self.iters, generator=generator, method=self.method, chunk=self.chunk,
+                fn,
+                images[start : start + self.batch_size],
+                self.k,
+                oversample=self.oversample,
+                iters=self.iters,
+                generator=generator,
+                method=self.method,
+                chunk=self.chunk,
                 jvp_mode=self.jvp_mode,
             )
             # fp16 at once: P is what dominates memory, and it is stored as fp16 anyway.
@@ -133,9 +146,9 @@ class SubspaceProbe(Probe):
         return np.concatenate(ps), np.concatenate(sigmas)
 
     def records(self, sigma: np.ndarray, ids: np.ndarray, roi: str) -> pd.DataFrame:
-        eig = sigma ** 2
+        eig = sigma**2
         with np.errstate(invalid="ignore", divide="ignore"):
-            participation = eig.sum(1) ** 2 / (eig ** 2).sum(1)
+            participation = eig.sum(1) ** 2 / (eig**2).sum(1)
         wide = pd.DataFrame({f"sigma_{i + 1}": sigma[:, i] for i in range(sigma.shape[1])})
         wide["participation_ratio"] = participation
         wide["image_id"] = ids

@@ -20,7 +20,8 @@ budgets in one batched PGD call (`expand_ladder`); frames are then independent o
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,8 +30,15 @@ import torch
 from brainrobust.analysis.media import targeted_media
 from brainrobust.analysis.perceptual import perceptual_measures
 from brainrobust.errors import ConfigError
-from brainrobust.probes.attack import (PGDConfig, clamp_to_box, expand_ladder, norm_of, pgd, project,
-                                       validate_eps)
+from brainrobust.probes.attack import (
+    PGDConfig,
+    clamp_to_box,
+    expand_ladder,
+    norm_of,
+    pgd,
+    project,
+    validate_eps,
+)
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.image_selection import ImageSelection
 from brainrobust.probes.objectives import make_objective
@@ -45,7 +53,9 @@ def validate_schedule(eps_schedule: Sequence[float]) -> torch.Tensor:
         raise ConfigError(f"targeted.eps_schedule must be a list of budgets, got {eps_schedule!r}")
     values = validate_eps(list(eps_schedule))
     if len(values) > 1 and not bool((values[1:] > values[:-1]).all()):
-        raise ConfigError(f"targeted.eps_schedule must be strictly increasing, got {values.tolist()}")
+        raise ConfigError(
+            f"targeted.eps_schedule must be strictly increasing, got {values.tolist()}"
+        )
     return values
 
 
@@ -55,8 +65,10 @@ def pgd_settings(attack: PGDConfig | Mapping[str, Any] | None, norm: str) -> PGD
         attack = {k: getattr(attack, k) for k in attack.__dataclass_fields__}
     settings = {k: v for k, v in dict(attack or {}).items() if k != "_target_"}
     if settings.get("norm", norm) != norm:
-        raise ConfigError(f"targeted.attack.norm={settings['norm']!r} disagrees with targeted.norm={norm!r}; "
-                          "set targeted.norm only")
+        raise ConfigError(
+            f"targeted.attack.norm={settings['norm']!r} disagrees with targeted.norm={norm!r}; "
+            "set targeted.norm only"
+        )
     return PGDConfig(**{**settings, "norm": norm})
 
 
@@ -87,7 +99,11 @@ class TargetedProbe(Probe):
             raise ConfigError(f"targeted.direction must be one of {DIRECTIONS}, got {direction!r}")
         if roi in hold:
             raise ConfigError(f"targeted.hold names the driven ROI {roi!r}; hold only other ROIs")
-        bad = {k: w for k, w in hold.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0}
+        bad = {
+            k: w
+            for k, w in hold.items()
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0
+        }
         if bad:
             raise ConfigError(f"targeted.hold weights must be numbers >= 0, got {bad}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -109,8 +125,9 @@ class TargetedProbe(Probe):
     def array_name(self) -> str:
         return f"targeted_{self.roi}_{self.direction}"
 
-    def trajectory(self, encoder: torch.nn.Module, x: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+    def trajectory(
+        self, encoder: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Perturbations (E, B, 3, S, S) of images x (B, 3, S, S), one per eps of the schedule."""
         objective = make_objective(encoder, self.roi, self.direction, x, self.hold)
         if not self.warm_start:
@@ -121,7 +138,8 @@ class TargetedProbe(Probe):
         deltas = []
         prev = torch.zeros_like(x)
         for eps in self.eps.tolist():
-            start = x + prev
+            # x + prev can overshoot 1 by a rounding ulp, which pgd would refuse.
+            start = (x + prev).clamp(0.0, 1.0)
             # The rest of the budget around the previous delta; > 0 since the schedule increases.
             room = (eps - norm_of(prev, self.attack.norm)).clamp_min(1e-12 * eps)
             result = pgd(objective, start, room, self.attack, generator=generator)
@@ -129,20 +147,27 @@ class TargetedProbe(Probe):
                 stayed = objective(start)
             better = (result.objective >= stayed).view(-1, 1, 1, 1)
             step = torch.where(better, result.delta, torch.zeros_like(prev))
-            # Exact budget and box despite rounding in prev + step.
-            prev = clamp_to_box(x, project(prev + step, torch.full_like(x[:, :1, :1, :1], eps), self.attack.norm))
+            # Exact budget and box despite rounding in start + step.
+            budget = torch.full_like(x[:, :1, :1, :1], eps)
+            prev = clamp_to_box(x, project(start + step - x, budget, self.attack.norm))
             deltas.append(prev)
         return torch.stack(deltas)
 
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
         test_images, test_ids = self.selected_images(ctx.device)
-        x0, ids, files = self.images.resolve(encoder, test_images, test_ids, self.roi,
-                                             ctx.responses[: len(test_ids)], self.batch_size)
+        x0, ids, files = self.images.resolve(
+            encoder,
+            test_images,
+            test_ids,
+            self.roi,
+            ctx.responses[: len(test_ids)],
+            self.batch_size,
+        )
         rois = list(ctx.rois)
         generator = ctx.generator()
         frames, deltas, responses = [], [], []
         for start in range(0, len(x0), self.batch_size):
-            x = x0[start:start + self.batch_size]
+            x = x0[start : start + self.batch_size]
             delta = self.trajectory(encoder, x, generator).detach()
             traj = torch.cat([x[None], x[None] + delta])  # (E + 1, B, 3, S, S), frame 0 the start
             with torch.no_grad():
@@ -153,12 +178,18 @@ class TargetedProbe(Probe):
             responses.append(resp.view(len(self.eps) + 1, len(x), len(rois)).transpose(0, 1).cpu())
         images = torch.cat(frames)  # (n, E + 1, 3, S, S)
         arrays = {
-            "images": images.numpy(), "delta": torch.cat(deltas).numpy(),
-            "eps": np.concatenate([[0.0], self.eps.numpy()]), "image_id": np.asarray(ids, dtype=np.int64),
-            "responses": torch.cat(responses).double().numpy(), "rois": np.array(rois),
-            "driven_roi": np.array(self.roi), "direction": np.array(self.direction),
-            "norm": np.array(self.attack.norm), "hold": np.array(list(self.hold), dtype=str),
-            "hold_weight": np.array(list(self.hold.values()), dtype=np.float64), "files": np.array(files, dtype=str),
+            "images": images.numpy(),
+            "delta": torch.cat(deltas).numpy(),
+            "eps": np.concatenate([[0.0], self.eps.numpy()]),
+            "image_id": np.asarray(ids, dtype=np.int64),
+            "responses": torch.cat(responses).double().numpy(),
+            "rois": np.array(rois),
+            "driven_roi": np.array(self.roi),
+            "direction": np.array(self.direction),
+            "norm": np.array(self.attack.norm),
+            "hold": np.array(list(self.hold), dtype=str),
+            "hold_weight": np.array(list(self.hold.values()), dtype=np.float64),
+            "files": np.array(files, dtype=str),
             "model": np.array(str(encoder.meta.get("model", ""))),
             "robust": np.array(bool(encoder.meta.get("robust", False))),
         }
@@ -167,7 +198,9 @@ class TargetedProbe(Probe):
             targeted_media(arrays, ctx.store.dir / "media", self.array_name, fps=self.fps)
         return self._records(arrays, images, ctx)
 
-    def _records(self, arrays: Mapping[str, np.ndarray], images: torch.Tensor, ctx: ProbeContext) -> pd.DataFrame:
+    def _records(
+        self, arrays: Mapping[str, np.ndarray], images: torch.Tensor, ctx: ProbeContext
+    ) -> pd.DataFrame:
         eps, ids, rois = arrays["eps"], arrays["image_id"], list(arrays["rois"])
         resp = arrays["responses"]  # (n, E + 1, R)
         change = resp - resp[:, :1]
@@ -177,16 +210,40 @@ class TargetedProbe(Probe):
         grid = np.meshgrid(np.arange(n), np.arange(t), np.arange(len(rois)), indexing="ij")
         image_idx, eps_idx, roi_idx = (g.ravel() for g in grid)
         frames = []
-        for metric, values in (("response", resp), ("response_change", change), ("response_change_sd", change / sd)):
-            frames.append(pd.DataFrame({"image_id": ids[image_idx], "roi": np.array(rois)[roi_idx],
-                                        "eps": eps[eps_idx], "metric": metric, "value": values.ravel()}))
+        for metric, values in (
+            ("response", resp),
+            ("response_change", change),
+            ("response_change_sd", change / sd),
+        ):
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "image_id": ids[image_idx],
+                        "roi": np.array(rois)[roi_idx],
+                        "eps": eps[eps_idx],
+                        "metric": metric,
+                        "value": values.ravel(),
+                    }
+                )
+            )
         # Image-level measures against the start (eps > 0 only; at the start they are trivial).
         start = images[:, :1].expand_as(images[:, 1:]).flatten(0, 1)
         measures = perceptual_measures(images[:, 1:].flatten(0, 1), start)
-        image_idx, eps_idx = (g.ravel() for g in np.meshgrid(np.arange(n), np.arange(1, t), indexing="ij"))
+        image_idx, eps_idx = (
+            g.ravel() for g in np.meshgrid(np.arange(n), np.arange(1, t), indexing="ij")
+        )
         for metric in PERCEPTUAL:
-            frames.append(pd.DataFrame({"image_id": ids[image_idx], "roi": None, "eps": eps[eps_idx],
-                                        "metric": metric, "value": measures[metric].numpy()}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "image_id": ids[image_idx],
+                        "roi": None,
+                        "eps": eps[eps_idx],
+                        "metric": metric,
+                        "value": measures[metric].numpy(),
+                    }
+                )
+            )
         records = pd.concat(frames, ignore_index=True)
         records["driven_roi"] = self.roi
         records["direction"] = self.direction
@@ -199,7 +256,14 @@ class TargetedProbe(Probe):
     def summary(self, records: pd.DataFrame) -> dict[str, float]:
         """At the largest eps: every ROI's mean response change and the mean SSIM."""
         last = records[records.eps == records.eps.max()]
-        out = {f"targeted/{self.direction}_{self.roi}/change_{roi}": float(v) for roi, v in
-               last[last.metric == "response_change"].groupby("roi")["value"].mean().items()}
-        out[f"targeted/{self.direction}_{self.roi}/ssim"] = float(last[last.metric == "ssim"]["value"].mean())
+        out = {
+            f"targeted/{self.direction}_{self.roi}/change_{roi}": float(v)
+            for roi, v in last[last.metric == "response_change"]
+            .groupby("roi")["value"]
+            .mean()
+            .items()
+        }
+        out[f"targeted/{self.direction}_{self.roi}/ssim"] = float(
+            last[last.metric == "ssim"]["value"].mean()
+        )
         return out

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -152,7 +153,7 @@ class TransferProbe(Probe):
                   images: torch.Tensor, ids: np.ndarray, generator: torch.Generator) -> pd.DataFrame:
         source_kind = KINDS[self.kind]
         arrays = source.load_array(f"{source_kind.array}_{source_roi}_{self.norm}")
-        delta, source_ids = arrays["delta"], arrays["image_id"]
+        delta = arrays["delta"]
         if delta.shape[-2:] != images.shape[-2:]:
             raise ConfigError(
                 f"perturbations of run {source.key} are {delta.shape[-2]}x{delta.shape[-1]} but this "

@@ -1,0 +1,174 @@
+"""Benchmark: matrix-free randomized top-k Jacobian subspace vs the exact Jacobian + SVD.
+
+Encoder: the offline tiny CNN (random init, `block4`, 2 x 2 average grid = 512 features, as
+`tiny_cnn_random`) and a random linear readout to V voxels, on 64 x 64 images. Readouts:
+  correlated  every voxel mixes 64 shared latent features (power law 1/i) plus 10 % private
+              noise: an ROI's voxels are strongly correlated, as real ones are (the default)
+  iid         independent Gaussian weights: a flat Jacobian spectrum with no gap after the top k,
+              where the top-k subspace itself is ill-conditioned (the hard case)
+Methods, each in a fresh process (after the same small warm-up call):
+  exact          V vector-Jacobian products -> J (V x D) -> QR + SVD
+  randomized     k + oversample probe columns, `iters` subspace iterations, forward-mode JVPs
+  randomized/2v  the same with JVPs by the double-VJP trick
+Reported: wall and CPU seconds (CPU time is less disturbed by other jobs on a shared machine),
+peak RSS growth of the process over its warmed-up size, overlap with the
+exact subspace (||P^T P_exact||_F^2 / k, mean and min over the images) and speed-up vs exact.
+
+    python benchmarks/bench_subspace.py [--voxels 1000,3000] [--readouts correlated,iid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+METHODS = {
+    "exact": {"method": "exact"},
+    "randomized": {"method": "randomized", "jvp_mode": "forward"},
+    "randomized/2v": {"method": "randomized", "jvp_mode": "double_vjp"},
+}
+
+
+def build_encoder(n_voxels: int, readout: str, seed: int = 0):
+    import torch
+    from torch import nn
+
+    from brainrobust.models.backbones import TinyCNN
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    features = nn.Sequential(TinyCNN(), nn.AdaptiveAvgPool2d(2), nn.Flatten()).eval()
+    n_feat, n_latent = 512, 64
+    if readout == "iid":
+        w = torch.randn(n_feat, n_voxels, generator=g) / n_feat**0.5
+    else:
+        strength = torch.arange(1, n_latent + 1.0) ** -1.0
+        mixing = (
+            torch.randn(n_feat, n_latent, generator=g)
+            * strength
+            @ torch.randn(n_latent, n_voxels, generator=g)
+        )
+        w = (
+            mixing / (n_feat * n_latent) ** 0.5
+            + 0.1 * torch.randn(n_feat, n_voxels, generator=g) / n_feat**0.5
+        )
+    images = torch.rand(2, 3, 64, 64, generator=g)
+    return (lambda x: features(x) @ w), images
+
+
+def worker(
+    name: str,
+    n_voxels: int,
+    readout: str,
+    k: int,
+    oversample: int,
+    iters: int,
+    chunk: int,
+    out: Path,
+) -> None:
+    import resource
+    import time
+
+    import torch
+
+    from brainrobust.probes.jacobian import top_k_right_singular
+
+    torch.set_num_threads(2)
+    fn, images = build_encoder(n_voxels, readout)
+    # Same warm-up for every method: torch.func builds its decompositions on first use.
+    for mode in ("forward", "double_vjp"):
+        top_k_right_singular(fn, images[:1], 1, oversample=1, iters=1, jvp_mode=mode)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    p, _ = top_k_right_singular(
+        fn,
+        images,
+        k,
+        oversample=oversample,
+        iters=iters,
+        chunk=chunk,
+        generator=torch.Generator().manual_seed(1),
+        **METHODS[name],
+    )
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    np.save(out, p.numpy())
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    peak_mb = (after.ru_maxrss - before.ru_maxrss) / 1024
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak_mb}))
+
+
+def measure(name: str, n_voxels: int, readout: str, settings: dict, tmp: str) -> dict:
+    """Run one method in a fresh process; its timings, memory and subspaces."""
+    out = Path(tmp) / f"{readout}-{n_voxels}-{name.replace('/', '_')}.npy"
+    cmd = [sys.executable, __file__, "--worker", name, str(n_voxels), readout, "--out", str(out)]
+    cmd += [f"--{key}={value}" for key, value in settings.items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"p": np.load(out)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--voxels", default="1000,3000")
+    parser.add_argument("--readouts", default="correlated")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--oversample", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=64, help="probe columns per vectorised call")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    settings = {
+        "k": args.k,
+        "oversample": args.oversample,
+        "iters": args.iters,
+        "chunk": args.chunk,
+    }
+    if args.worker:
+        name, n_voxels, readout = args.worker
+        worker(name, int(n_voxels), readout, out=args.out, **settings)
+        return
+
+    from brainrobust.probes.jacobian import subspace_similarity
+
+    print(
+        f"top-{args.k} Jacobian subspace of 2 images, 64 x 64 (D = 12,288), tiny CNN + linear "
+        f"readout; randomized: oversample {args.oversample}, {args.iters} iterations; "
+        f"chunk {args.chunk}; load average at start {os.getloadavg()[0]:.1f}"
+    )
+    header = (
+        f"{'readout':<11} {'voxels':>6} {'method':<14} {'wall s':>7} {'cpu s':>7} "
+        f"{'peak MB':>8} {'overlap':>8} {'min':>6} {'speed-up wall/cpu':>18}"
+    )
+    print(header + "\n" + "-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for readout in args.readouts.split(","):
+            for n_voxels in (int(v) for v in args.voxels.split(",")):
+                results = {
+                    name: measure(name, n_voxels, readout, settings, tmp) for name in METHODS
+                }
+                exact = results["exact"]
+                for name, r in results.items():
+                    overlap = subspace_similarity(r["p"], exact["p"])
+                    speedup = (
+                        f"{exact['seconds'] / r['seconds']:.1f}x / "
+                        f"{exact['cpu_seconds'] / r['cpu_seconds']:.1f}x"
+                    )
+                    print(
+                        f"{readout:<11} {n_voxels:>6} {name:<14} {r['seconds']:>7.2f} "
+                        f"{r['cpu_seconds']:>7.2f} {r['peak_mb']:>8.0f} {overlap.mean():>8.4f} "
+                        f"{overlap.min():>6.3f} {speedup:>18}",
+                        flush=True,
+                    )
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""End to end on the synthetic twin: config -> data -> encoder -> probes -> results store."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import brainrobust.models.features as features_mod
+from brainrobust.models.readout import fit_ridge, pearson_r
+from brainrobust.pipeline import run, summary_table
+from brainrobust.results.store import load
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, synthetic_root):
+    root, _ = synthetic_root
+
+    def _make(*overrides):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose("config", overrides=[
+                f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
+                f"paths.results_dir={tmp_path / 'results'}", f"paths.log_dir={tmp_path / 'logs'}",
+                "logger=none", "trainer.enable_progress_bar=false", "attack.steps=5",
+                "probe.sensitivity.max_images=6", "probe.sensitivity.random_draws=2", *overrides])
+    return _make
+
+
+@pytest.fixture
+def count_backbone_passes(monkeypatch):
+    calls = []
+    real = features_mod._predict
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features_mod, "_predict", counting)
+    return calls
+
+
+def test_default_run_writes_records_and_resumes(make_cfg, count_backbone_passes):
+    cfg = make_cfg()
+    store = run(cfg)
+    assert store.is_complete()
+    pred = store.read_records("predictivity")
+    r_ffa = pred[(pred.metric == "r_roi_mean") & (pred.roi == "FFA")].value.item()
+    assert r_ffa > 0.5, "the default small model should predict the planted FFA responses"
+    sens = store.read_records("sensitivity")
+    assert set(sens.eps.unique()) == set(cfg.epsilon.ladder)
+    assert sens.image_id.nunique() == 6
+    adv = sens[sens.metric == "abs_s"].groupby("eps").value.mean()
+    rnd = sens[sens.metric == "random_abs_s"].groupby("eps").value.mean()
+    assert (adv > 5 * rnd).all(), "the attack must beat random noise of the same norm"
+    assert adv.is_monotonic_increasing
+    assert (sens[sens.metric == "norm"].value <= sens[sens.metric == "norm"].eps + 1e-5).all()
+    table = summary_table(store)
+    assert {"model", "roi", "test_r"} <= set(table.columns) and len(table) == 1
+    passes = len(count_backbone_passes)
+    assert passes >= 1
+
+    # Rerun: the run is complete, nothing is recomputed.
+    again = run(cfg)
+    assert again.key == store.key and len(count_backbone_passes) == passes
+
+    # Another probe setting is another run, but the readout (and features) come from the cache.
+    other = run(make_cfg("probe.sensitivity.objective=increase"))
+    assert other.key != store.key and other.is_complete()
+    assert len(count_backbone_passes) == passes
+    merged = load(store.dir.parent.parent, probe="sensitivity")
+    assert merged.run_key.nunique() == 2
+
+
+def test_interrupted_run_resumes_at_missing_probe(make_cfg):
+    cfg = make_cfg()
+    store = run(cfg)
+    first = store.read_records("sensitivity")
+    (store.dir / "DONE").unlink()
+    store.records_path("predictivity").unlink()
+    again = run(cfg)
+    assert again.is_complete() and again.has_records("predictivity")
+    # The probe that had finished was not redone: its file is the same.
+    assert again.read_records("sensitivity").equals(first)
+
+
+def test_same_config_and_seed_give_identical_records(make_cfg, tmp_path):
+    a = run(make_cfg()).read_records("sensitivity")
+    b = run(make_cfg(f"paths.results_dir={tmp_path / 'results2'}")).read_records("sensitivity")
+    assert a.drop(columns="run_key").equals(b.drop(columns="run_key"))
+
+
+def test_small_model_beats_shuffled_baseline(make_cfg):
+    from hydra.utils import instantiate
+
+    from brainrobust.models.features import build_feature_model, extract_features
+    from brainrobust.models.zoo import get_spec
+
+    cfg = make_cfg()
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup()
+    net = build_feature_model(get_spec(cfg.model.name))
+    feats = {split: extract_features(get_spec(cfg.model.name), net, dm.images(split), getattr(dm, split).ids,
+                                     dm.loader.image_source_id, cfg.paths.cache_dir, progress_bar=False)
+             for split in ("train", "test")}
+    y_train = dm.train.responses
+    fit = fit_ridge(feats["train"], y_train)
+    shuffled = fit_ridge(feats["train"], np.random.default_rng(0).permutation(y_train))
+    r_true = pearson_r(dm.test.responses, feats["test"] @ fit.weights + fit.intercept)
+    r_shuf = pearson_r(dm.test.responses, feats["test"] @ shuffled.weights + shuffled.intercept)
+    assert np.median(r_true) > 0.3
+    assert np.median(r_true) > np.median(r_shuf) + 0.25
+
+
+def test_wandb_offline_writes_a_run_and_needs_no_network(make_cfg, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # Any attempt to reach a server would hit a closed local port and fail the run.
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    store = run(make_cfg("logger=wandb"))
+    assert store.is_complete()
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    data = next(runs[0].glob("*.wandb")).read_bytes()
+    for key in (b"sensitivity/FFA/abs_s", b"test/r_FFA", b"sensitivity/records", b"run_key"):
+        assert key in data, key
