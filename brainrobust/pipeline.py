@@ -13,20 +13,34 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from brainrobust.data.datamodule import BrainDataModule
-from brainrobust.errors import ConfigError, CacheError
+from brainrobust.errors import BrainRobustError, CacheError, ConfigError
 from brainrobust.files import stable_hash
 from brainrobust.models.encoder import BrainEncoder
 from brainrobust.models.features import build_feature_model, extract_features
-from brainrobust.models.readout import LinearReadout, fit_ridge
+from brainrobust.models.readout import SOLVERS, LinearReadout, fit_ridge
 from brainrobust.models.zoo import ModelSpec
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.results.store import ResultsStore, RunStore
 
 log = logging.getLogger(__name__)
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, re-raising our own one-line errors instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, BrainRobustError):
+            raise cause from None
+        raise
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -60,9 +74,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, lo
     return L.Trainer(callbacks=callbacks or [], logger=logger, **kwargs)
 
 
-def build_encoder(cfg: DictConfig, dm: BrainDataModule) -> BrainEncoder:
+def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule) -> BrainEncoder:
     """Backbone + cached features + ridge readout (fit once, then loaded from the cache)."""
-    spec: ModelSpec = instantiate(cfg.model)
     preprocess, features = build_feature_model(spec, weights_dir=cfg.paths.weights_dir)
 
     cache_dir = Path(cfg.paths.cache_dir)
@@ -85,8 +98,11 @@ def build_encoder(cfg: DictConfig, dm: BrainDataModule) -> BrainEncoder:
             spec, torch.nn.Sequential(preprocess, features), images=dm.images("train"), ids=dm.train.ids,
             image_source_id=dm.loader.image_source_id, cache_dir=cache_dir / "features",
             batch_size=dm.batch_size, weights_dir=cfg.paths.weights_dir)
+        device = cfg.readout.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         fit = fit_ridge(x_train, dm.train.responses, alphas=list(cfg.readout.alphas),
-                        method=cfg.readout.method, cv=cfg.readout.cv)
+                        method=cfg.readout.method, cv=cfg.readout.cv, device=device)
         readout = LinearReadout.from_fit(fit)
         readout.save(readout_path, {
             "key": readout_key, "model": spec.name, "layer": spec.layer, "subject": dm.subject,
@@ -118,7 +134,7 @@ def build_context(cfg: DictConfig, dm: BrainDataModule, store: RunStore, columns
 def build_probes(cfg: DictConfig) -> list[Probe]:
     probes = []
     for name, probe_cfg in (cfg.get("probe") or {}).items():
-        probe = instantiate(probe_cfg, _convert_="all")
+        probe = build(probe_cfg, _convert_="all")
         if not isinstance(probe, Probe):
             raise ConfigError(f"probe.{name} does not build a brainrobust Probe (got {type(probe).__name__})")
         probes.append(probe)
@@ -126,7 +142,13 @@ def build_probes(cfg: DictConfig) -> list[Probe]:
 
 
 def run(cfg: DictConfig) -> RunStore:
+    # Every config object is built before any file is read or written, so a config error
+    # costs nothing and leaves the results store as it was.
     check_subject(cfg)
+    probes = build_probes(cfg)
+    spec: ModelSpec = build(cfg.model)
+    if cfg.readout.method not in SOLVERS:
+        raise ConfigError(f"unknown readout.method {cfg.readout.method!r}; valid: {sorted(SOLVERS)}")
     columns = key_columns(cfg)
     store = ResultsStore(cfg.paths.results_dir).run(run_identity(cfg), columns)
     if cfg.dry_run:
@@ -138,16 +160,15 @@ def run(cfg: DictConfig) -> RunStore:
         return store
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    probes = build_probes(cfg)
-    dm: BrainDataModule = instantiate(cfg.data, _convert_="all")
+    dm: BrainDataModule = build(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup()
 
-    encoder = build_encoder(cfg, dm)
+    encoder = build_encoder(cfg, spec, dm)
     context = build_context(cfg, dm, store, columns)
     for probe in probes:
         probe.bind(context)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = build(cfg.logger) if cfg.get("logger") else False
     if logger:
         logger.log_hyperparams({**columns, "run_key": store.key,
                                 "config": OmegaConf.to_container(cfg, resolve=True)})

@@ -35,6 +35,11 @@ def test_one_record_set_per_config_and_merge(tmp_path):
     assert not store.run({"model": "a", "roi": "EBA"}, {}).is_complete()
 
 
+def test_composing_a_run_writes_nothing(tmp_path):
+    ResultsStore(tmp_path).run({"x": 1}, {"model": "a"})
+    assert not (tmp_path / "runs").exists()
+
+
 def test_key_is_independent_of_dict_order(tmp_path):
     store = ResultsStore(tmp_path)
     assert store.run({"a": 1, "b": {"c": 2, "d": 3}}, {}).key == store.run({"b": {"d": 3, "c": 2}, "a": 1}, {}).key
@@ -68,6 +73,7 @@ def test_no_records_names_what_to_run(tmp_path):
 def test_edited_run_json_is_detected(tmp_path):
     store = ResultsStore(tmp_path)
     run = store.run({"x": 1}, {})
+    run.write_records("p", _records())
     meta = json.loads((run.dir / "run.json").read_text())
     meta["identity"] = {"x": 2}
     (run.dir / "run.json").write_text(json.dumps(meta))

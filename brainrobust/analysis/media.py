@@ -160,6 +160,8 @@ def _eps_axis(ax: plt.Axes, eps: np.ndarray) -> None:
     if len(eps) > 2 and eps[0] == 0 and eps[1] > 0:
         # Schedules are usually geometric: log-spaced beyond the first budget, linear down to 0.
         ax.set_xscale("symlog", linthresh=float(eps[1]))
+        ax.set_xticks(eps, [f"{e:g}" for e in eps], fontsize=7)
+        ax.minorticks_off()
 
 
 def plot_responses(

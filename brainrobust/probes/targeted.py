@@ -129,12 +129,12 @@ class TargetedProbe(Probe):
         self, encoder: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Perturbations (E, B, 3, S, S) of images x (B, 3, S, S), one per eps of the schedule."""
-        objective = make_objective(encoder, self.roi, self.direction, x, self.hold)
         if not self.warm_start:
             xe, eps_e, _ = expand_ladder(x, self.eps.tolist())
             ladder_objective = make_objective(encoder, self.roi, self.direction, xe, self.hold)
             delta = pgd(ladder_objective, xe, eps_e, self.attack, generator=generator).delta
             return delta.view(len(self.eps), *x.shape)
+        objective = make_objective(encoder, self.roi, self.direction, x, self.hold)
         deltas = []
         prev = torch.zeros_like(x)
         for eps in self.eps.tolist():

@@ -1,0 +1,117 @@
+"""User mistakes, one row each: the expected project exception and the words of its one-line message.
+
+Every row runs against a results store that already holds a finished run, and must leave it
+byte-for-byte untouched. Lower-level file faults (truncated HDF5, wrong dataset names, ROI grids,
+ctab labels, NaN betas) are covered row by row in test_nsd.py; checkpoints in test_weights.py.
+"""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from brainrobust.errors import BrainRobustError, ConfigError, DataError, WeightsError
+from brainrobust.models.backbones import TinyCNN
+from brainrobust.pipeline import run
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
+
+
+def _compose(root, tmp, overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[
+            f"data.root={root}", f"paths.cache_dir={tmp / 'cache'}", f"paths.results_dir={tmp / 'results'}",
+            f"paths.log_dir={tmp / 'logs'}", "logger=none", "trainer.enable_progress_bar=false",
+            "attack.steps=3", "probe.sensitivity.max_images=2", "probe.sensitivity.random_draws=1",
+            *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, synthetic_root):
+    """A results store with one finished run, and a snapshot of its bytes."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    root, _ = synthetic_root
+    store = run(_compose(root, tmp, []))
+    assert store.is_complete()
+    return root, tmp
+
+
+def _snapshot(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# (overrides, exception, words of the message)
+ROWS = [
+    (["epsilon.ladder=[-0.1]"], ConfigError, "eps must be finite and > 0"),
+    (["epsilon.ladder=[nan]"], ConfigError, "eps must be finite and > 0"),
+    (["epsilon.ladder=[]"], ConfigError, "eps is empty"),
+    (["epsilon.norm=l3"], ConfigError, "attack.norm must be one of"),
+    (["attack.steps=0"], ConfigError, "attack.steps"),
+    (["attack.step_size=-1"], ConfigError, "attack.step_size"),
+    (["probe.sensitivity.objective=maximise"], ConfigError, "unknown objective"),
+    (["probe.sensitivity.batch_size=0"], ConfigError, "batch_size must be >= 1"),
+    (["probe.sensitivity.max_images=0"], ConfigError, "max_images must be >= 1"),
+    (["probe.sensitivity.random_draws=0"], ConfigError, "random_draws must be >= 1"),
+    (["probe.sensitivity.rois=[PPA]"], ConfigError, "not in this encoder"),
+    (["data.batch_size=0"], ConfigError, "data.batch_size must be >= 1"),
+    (["subject=0"], ConfigError, "subject must be an NSD subject 1-8"),
+    (["readout.method=lasso"], ConfigError, "unknown readout.method"),
+    (["readout.alphas=[-1.0]"], ConfigError, "alpha"),
+    (["model.layer=block9"], ConfigError, "block4"),
+    (["model.input_size=3"], ConfigError, "input_size"),
+    (["model.pool=median"], ConfigError, "pool"),
+    (["model=resnet50"], WeightsError, "resnet50"),
+    (["model=robust_resnet50_eps3"], WeightsError, "model.weights="),
+    (["subject=2", "roi=RSC"], DataError, "RSC"),
+    (["data=nsd", "data.root=/nonexistent/nsd"], DataError, "not found; set data.root="),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,words", ROWS, ids=[" ".join(r[0]) for r in ROWS])
+def test_bad_input_is_one_line_and_leaves_results(finished, overrides, exc, words):
+    root, tmp = finished
+    before = _snapshot(tmp / "results")
+    with pytest.raises(exc) as err:
+        run(_compose(root, tmp, overrides))
+    message = str(err.value)
+    assert words in message
+    assert "\n" not in message and len(message) < 400
+    assert _snapshot(tmp / "results") == before
+
+
+def test_weights_of_another_architecture(finished, tmp_path):
+    root, tmp = finished
+    weights = tmp_path / "tiny.pt"
+    torch.save(TinyCNN().state_dict(), weights)
+    with pytest.raises(WeightsError, match="missing|unexpected"):
+        run(_compose(root, tmp, ["model=resnet18_random", f"model.weights={weights}"]))
+
+
+@pytest.mark.parametrize("override", ["model=no_such_model", "roi=XYZ", "epsilon=l7", "probe=[nothing]",
+                                      "logger=neptune", "data=hcp", "attack=cw"])
+def test_unknown_config_names_list_the_valid_ones(finished, override):
+    root, tmp = finished
+    with pytest.raises(ConfigCompositionException, match="Available options|Could not (find|load)"):
+        _compose(root, tmp, [override])
+
+
+def test_cli_prints_one_line_and_exits_non_zero(finished):
+    root, tmp = finished
+    out = subprocess.run([sys.executable, "run.py", f"data.root={root}", f"paths.results_dir={tmp / 'results'}",
+                          f"paths.log_dir={tmp / 'logs'}", f"paths.cache_dir={tmp / 'cache'}", "attack.steps=0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "attack.steps" in errors[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_all_errors_share_one_base(finished):
+    assert all(issubclass(exc, BrainRobustError) for _, exc, _ in ROWS)
