@@ -12,6 +12,7 @@ held-out samples. Ratios are speed-ups against scikit-learn RidgeCV(alpha_per_ta
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from himalaya.backend import set_backend
 from sklearn.linear_model import RidgeCV
+from threadpoolctl import threadpool_limits
 
 from brainrobust.models.readout import DEFAULT_ALPHAS, fit_ridge, pearson_r
 
@@ -71,7 +73,16 @@ def main() -> None:
         choices=["loo", "kfold", "himalaya"],
         help="peers to leave out",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="cap BLAS/LAPACK and torch threads (fair on a shared machine)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        threadpool_limits(args.threads)
+        torch.set_num_threads(args.threads)
     n_train, p, n_voxels = (2_000, 512, 500) if args.quick else (10_000, 2_048, 3_000)
     n_test = n_train // 5
 
@@ -87,7 +98,7 @@ def main() -> None:
     }
     print(
         f"ridge: {n_train} x {p} train, {n_test} test, {n_voxels} voxels, {len(DEFAULT_ALPHAS)} alphas, "
-        f"torch threads {torch.get_num_threads()}"
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
     )
     rows = []
     for label, fit in methods.items():

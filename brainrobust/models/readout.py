@@ -3,10 +3,11 @@
 `fit_ridge` chooses one penalty per voxel and returns a `RidgeFit`; `LinearReadout` turns it
 into the last, frozen layer of the differentiable brain encoder and stores it as safetensors.
 
-The CPU solvers work in the eigenbasis of the centred design, decomposed ONCE per fit: every
-penalty is then a diagonal rescaling there, so trying 9 penalties costs 9 cheap (p, V) passes
-instead of 9 solves. The intercept is never penalised: X and Y are centred with the training
-means, the ridge is fit without intercept and intercept = y_mean - x_mean @ W.
+The torch solvers work in the eigenbasis of the centred design, decomposed ONCE per fit: every
+penalty is then a diagonal rescaling there. GCV scores a penalty with one (p, V) pass; exact
+leave-one-out and K-fold still need one (n, p) @ (p, V) product per penalty. The intercept is
+never penalised: X and Y are centred with the training means, the ridge is fit without
+intercept and intercept = y_mean - x_mean @ W.
 """
 
 from __future__ import annotations

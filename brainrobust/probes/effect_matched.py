@@ -1,4 +1,4 @@
-"""Effect-matched budgets: the smallest eps that moves an ROI response by a set effect (method.md 3).
+"""Effect-matched budgets: the smallest eps that moves an ROI response by a set effect (method 3).
 
 For every ROI and image, find
 

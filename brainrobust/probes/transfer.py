@@ -15,7 +15,6 @@ source x target pair.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -96,7 +95,7 @@ class TransferProbe(Probe):
         # The store root holding this run: <root>/runs/<key>.
         root = Path(self.results_dir) if self.results_dir else ctx.store.dir.parent.parent
         images, ids = self.selected_images(ctx.device)
-        stimuli = _stimulus_signature(_run_meta(ctx.store.dir).get("identity"))
+        stimuli = _stimulus_signature(ctx.store.identity)
         generator = ctx.generator(offset=1)
         frames = []
         for roi in self.selected_rois():
@@ -124,11 +123,12 @@ class TransferProbe(Probe):
         """The runs under `root` whose stored perturbations for `roi` this probe applies."""
         source_kind = KINDS[self.kind]
         array = f"{source_kind.array}_{roi}_{self.norm}"
-        runs = ResultsStore(root).runs()
+        store = ResultsStore(root)
+        runs = store.runs()
         chosen: dict[str, dict[str, Any]] = {}
         for selector in self.selectors:
             matched = [r for r in runs if _matches(r, selector)]
-            usable = [r for r in matched if (root / "runs" / r["key"] / "arrays" / f"{array}.npz").exists()]
+            usable = [r for r in matched if store.open(r).has_array(array)]
             other_data = [r for r in usable if stimuli is not None
                           and _stimulus_signature(r.get("identity")) != stimuli]
             usable = [r for r in usable if r not in other_data]
@@ -144,8 +144,8 @@ class TransferProbe(Probe):
                     )
                 chosen[r["key"]] = r
         _refuse_duplicates(list(chosen.values()), array)
-        return [RunStore(dir=root / "runs" / key, key=key, columns=r["columns"])
-                for key, r in sorted(chosen.items())]
+        return [RunStore(dir=root / "runs" / key, key=key, columns=r["columns"],
+                         identity=r.get("identity")) for key, r in sorted(chosen.items())]
 
     # ---- one source ----------------------------------------------------------------------
 
@@ -266,11 +266,6 @@ def _parse_sources(sources: str | Sequence[Mapping[str, Any]]) -> list[dict[str,
             f"[{{model: resnet50, subject: 1}}], got {sources!r}"
         )
     return [dict(s) for s in sources]
-
-
-def _run_meta(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _stimulus_signature(identity: Mapping[str, Any] | None) -> dict[str, Any] | None:
