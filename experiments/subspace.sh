@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Q2 - Do models share failure modes? Their most sensitive perturbation directions (method.md sections 4, 6)
+# Q2 - Do models share failure modes? Their most sensitive perturbation directions
+# (method.md sections 4 and 6).
 # Reproduces: the model x model subspace-similarity matrix per ROI and subject (standard models
 # have distinct subspaces; robust models share directions), against the random baseline k / D.
 # Runs: every model in MODELS x subjects x ROIs, top-10 subspaces of the first 50 test images
 # (randomized subspace iteration, 3 iterations, 10 oversampling columns), then the matrices.
-# Cost: (k + oversample) x (2 iters + 1) = 140 Jacobian products per image and ROI (about one
-# backward pass each), vs one per voxel for the exact Jacobian.
+# Cost: (k + 1 + oversample) x (2 iters + 1) = 147 Jacobian products per image and ROI (about a
+# backward pass each); an ROI with fewer voxels takes the exact Jacobian (one product per voxel).
 # Usage: experiments/subspace.sh [extra hydra overrides, e.g. data=nsd data.root=/data/nsd]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +15,5 @@ MODELS=${MODELS:-tiny_cnn_random,resnet18_random}
 SUBJECTS=${SUBJECTS:-1,2}
 ROIS=${ROIS:-FFA,EBA,PPA}
 $PY run.py --multirun experiment=subspace model="$MODELS" subject="$SUBJECTS" roi="$ROIS" "$@"
-$PY -m brainrobust.analysis.subspaces --root results --out figures/subspace --rois "$ROIS" --subjects "$SUBJECTS"
+$PY -m brainrobust.analysis.subspaces --root results --out figures/subspace \
+  --rois "$ROIS" --subjects "$SUBJECTS"

@@ -11,6 +11,7 @@ from torch import nn
 from brainrobust.errors import ConfigError
 from brainrobust.probes.jacobian import (
     JacobianProducts,
+    choose_method,
     orthonormalize,
     principal_angles,
     random_baseline,
@@ -165,6 +166,19 @@ def test_small_cnn_modes_agree():
     p_rand, _ = top_k_right_singular(net, x, 3, oversample=7, iters=3)
     # 10 outputs and 3 + 7 probe columns: the randomized range is the whole row space.
     assert subspace_similarity(p_exact, p_rand) == pytest.approx(np.ones(2), abs=1e-4)
+
+
+def test_auto_method_takes_the_cheaper_one(planted):
+    # 30 outputs vs (4 + 4) x (2 x 2 + 1) = 40 products: exact; 1000 outputs: randomized.
+    assert choose_method(30, D, 4, oversample=4, iters=2) == "exact"
+    assert choose_method(1000, D, 4, oversample=4, iters=2) == "randomized"
+    enc = LinearEncoder(planted["w_a"], {"FFA": torch.arange(30)})
+    p_auto, s_auto = top_k_right_singular(
+        enc, planted["x"], 4, oversample=4, iters=2, method="auto"
+    )
+    p_exact, s_exact = top_k_right_singular(enc, planted["x"], 4, method="exact")
+    torch.testing.assert_close(s_auto, s_exact)
+    torch.testing.assert_close(p_auto.abs(), p_exact.abs())
 
 
 def test_random_subspaces_give_k_over_d():

@@ -29,6 +29,7 @@ def _targeted_arrays(
         "image_id": np.asarray(ids, dtype=np.int64),
         "responses": np.cumsum(rng.random((n, t, 3)), axis=1),
         "rois": np.array(["EBA", "FFA", "PPA"]),
+        "test_sd": np.array([0.5, 0.8, 1.0]),
         "driven_roi": np.array("FFA"),
         "direction": np.array("increase"),
         "hold": np.array([], dtype=str),

@@ -57,7 +57,14 @@ def run_probe(root, encoder, model, images, ids, subject=1, **settings):
         meta={"model": model, "subject": subject},
         store=store,
     )
-    probe = SubspaceProbe(**{"k": K, "oversample": 4, "iters": 2, "rois": ["FFA"], **settings})
+    settings = {
+        "k": K,
+        "oversample": 4,
+        "iters": 2,
+        "method": "randomized",
+        "rois": ["FFA"],
+    } | settings
+    probe = SubspaceProbe(**settings)
     probe.bind(ctx)
     records = probe.run(encoder, ctx)
     store.write_records(probe.name, records)
@@ -72,13 +79,18 @@ def ffa_truth(encoder):
 def test_probe_writes_records_and_subspaces(tmp_path, models):
     store, records = run_probe(tmp_path, models["a"], "a", models["images"], models["ids"])
     truth_p, truth_s = ffa_truth(models["a"])
-    assert set(records.metric) == {f"sigma_{i}" for i in range(1, K + 1)} | {"participation_ratio"}
+    sigmas = {f"sigma_{i}" for i in range(1, K + 1)}
+    assert set(records.metric) == sigmas | {"participation_ratio", "gap_ratio"}
     assert set(records.roi) == {"FFA"} and sorted(set(records.image_id)) == sorted(models["ids"])
     sigma = records[records.metric == "sigma_1"].value.to_numpy()
     np.testing.assert_allclose(sigma, truth_s[0].item(), rtol=1e-4)
     eig = truth_s.double() ** 2
     pr = records[records.metric == "participation_ratio"].value.to_numpy()
     np.testing.assert_allclose(pr, (eig.sum() ** 2 / (eig**2).sum()).item(), rtol=1e-4)
+    # sigma_5 / sigma_4 of the planted spectrum (the first tail value over the last top one);
+    # the randomized sigma_5 is a Rayleigh-Ritz value, a slight underestimate.
+    gap = records[records.metric == "gap_ratio"].value.to_numpy()
+    assert ((gap > 0.95 / TOP_SIGMA[-1]) & (gap < 1.00001 / TOP_SIGMA[-1])).all()
     assert (records.k == K).all() and (records.method == "randomized").all()
     stored = pd.read_parquet(store.records_path("subspace"))
     assert len(stored) == len(records) and (stored.model == "a").all()
@@ -194,7 +206,7 @@ def test_runs_are_labelled_unambiguously(tmp_path, models):
     )
 
 
-def test_all_voxels_mode(tmp_path, models):
+def test_all_voxels_mode_and_auto_method(tmp_path, models):
     store, records = run_probe(
         tmp_path,
         models["a"],
@@ -202,9 +214,13 @@ def test_all_voxels_mode(tmp_path, models):
         models["images"][:2],
         models["ids"][:2],
         voxels="all",
-        method="exact",
+        method="auto",
     )
     assert set(records.roi) == {"all"}
+    # 30 voxels cost fewer products than (4 + 1 + 4) x (2 x 2 + 1) = 45: auto takes the exact J.
+    assert set(records.method) == {"exact"}
+    gap = records[records.metric == "gap_ratio"].value.to_numpy()
+    np.testing.assert_allclose(gap, 1.0 / TOP_SIGMA[-1], rtol=1e-4)
     _, s, _ = torch.linalg.svd(models["a"].W)
     np.testing.assert_allclose(records[records.metric == "sigma_1"].value, s[0].item(), rtol=1e-4)
     assert store.load_array("subspace_all")["P"].shape == (2, D, K)
@@ -214,7 +230,7 @@ def test_config_builds_the_probe_and_rejects_bad_settings():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=subspace", "probe.subspace.k=6"])
     probe = instantiate(cfg.probe.subspace, _convert_="all")
-    assert isinstance(probe, SubspaceProbe) and probe.k == 6 and probe.method == "randomized"
+    assert isinstance(probe, SubspaceProbe) and probe.k == 6 and probe.method == "auto"
     assert cfg.experiment_name == "subspace" and list(cfg.probe) == ["subspace"]
     for bad in (
         {"k": 0},

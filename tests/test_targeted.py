@@ -172,6 +172,7 @@ def test_run_writes_records_arrays_and_media(setup, tmp_path):
     assert arrays["images"].shape == (2, 5, 3, S, S) and arrays["images"].dtype == np.float16
     assert arrays["delta"].shape == (2, 4, 3, S, S) and arrays["responses"].shape == (2, 5, 3)
     assert list(arrays["rois"]) == ["A", "B", "C"] and str(arrays["driven_roi"]) == "A"
+    assert arrays["test_sd"].tolist() == [0.5, 0.5, 0.5]
     # top-2 by the model's own prediction of A
     with torch.no_grad():
         top = np.argsort(-encoder.roi_response(images, "A").numpy())[:2]

@@ -31,11 +31,55 @@ def _sensitivity(records: pd.DataFrame, root: Path) -> dict[str, plt.Figure]:
             "sensitivity_vs_predictivity": figures.sensitivity_vs_predictivity(records)}
 
 
+def _transfer(records: pd.DataFrame, root: Path) -> dict[str, plt.Figure]:
+    from brainrobust.analysis.transfer import transfer_matrix
+
+    rows = records[records.probe == "transfer"] if len(records) else records
+    if rows.empty:
+        raise DataError("no transfer records; run experiments/transfer.sh (or probe=[transfer]) first")
+    out = {}
+    for (roi, kind), grp in rows.groupby(["roi", "kind"]):
+        for eps in sorted(grp.eps.dropna().unique()) if kind == "fixed_eps" else [None]:
+            tag = f"{roi}_{kind}" + ("" if eps is None else f"_eps{eps:g}")
+            title = f"transfer {roi} ({kind}{'' if eps is None else f', eps={eps:g}'})"
+            for control in (False, True):
+                matrix = transfer_matrix(root, roi, eps=eps, kind=kind, control=control)
+                name = f"transfer_{tag}" + ("_random" if control else "")
+                out[name] = figures.matrix_heatmap(
+                    matrix, title + (" random control" if control else ""),
+                    "|target change| / |source change|", vmin=0)
+    return out
+
+
+def _subspace(records: pd.DataFrame, root: Path) -> dict[str, plt.Figure]:
+    from brainrobust.analysis.subspaces import similarity_matrix
+
+    rows = records[records.probe == "subspace"] if len(records) else records
+    if rows.empty:
+        raise DataError("no subspace records; run experiments/subspace.sh (or probe=[subspace]) first")
+    out = {}
+    for roi in sorted(rows.roi.unique()):
+        matrix = similarity_matrix(root, roi)
+        out[f"subspace_{roi}"] = figures.matrix_heatmap(
+            matrix, f"perturbation subspace similarity {roi}", "||P_i^T P_j||_F^2 / k",
+            vmin=0, vmax=1, baseline=matrix.attrs.get("random_baseline"))
+    return out
+
+
 FIGURES: dict[str, tuple[str, str, Builder]] = {
     "sensitivity": ("Q1 - sensitivity",
                     "Mean |r(x) - r(x+delta)| of the ROI-mean prediction against the budget (dashed: "
                     "random noise of the same norm), and sensitivity against predictivity per model.",
                     _sensitivity),
+    "transfer": ("Q2/Q3 - transfer",
+                 "Perturbations found on each source model (rows) applied to each target model "
+                 "(columns): mean |target change| / mean |source change|, at fixed eps and "
+                 "effect-matched, with random noise of the same norm as the control.",
+                 _transfer),
+    "subspace": ("Q2 - perturbation subspaces",
+                 "Mean squared cosine of the principal angles between two models' top-k "
+                 "eigenvectors of J^T J (1 = same subspace; random subspaces give k/D).",
+                 _subspace),
 }
 
 

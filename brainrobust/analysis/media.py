@@ -162,6 +162,7 @@ def _eps_axis(ax: plt.Axes, eps: np.ndarray) -> None:
         ax.set_xscale("symlog", linthresh=float(eps[1]))
         ax.set_xticks(eps, [f"{e:g}" for e in eps], fontsize=7)
         ax.minorticks_off()
+        ax.set_xlim(0.0, float(eps[-1]) * 1.15)
 
 
 def plot_responses(
@@ -171,6 +172,7 @@ def plot_responses(
     driven: str | None = None,
     held: Sequence[str] = (),
     title: str = "",
+    unit: str = "predicted units",
 ) -> Path:
     """Change of every ROI's predicted response along an eps trajectory, as a PNG line plot.
 
@@ -186,7 +188,7 @@ def plot_responses(
         ax.plot(eps, r - r[0], style, lw=width, marker="o", ms=3, color=f"C{i % 10}", label=label)
     ax.axhline(0.0, color="0.6", lw=0.8)
     _eps_axis(ax, eps)
-    ax.set(xlabel="eps (perturbation budget)", ylabel="predicted response change", title=title)
+    ax.set(xlabel="eps (perturbation budget)", ylabel=f"response change ({unit})", title=title)
     ax.legend(fontsize=7)
     return _save_figure(fig, path)
 
@@ -253,22 +255,27 @@ def targeted_media(
     held = [str(r) for r in arrays.get("hold", [])]
     driven, direction = _text(arrays, "driven_roi"), _text(arrays, "direction")
     files = [str(f) for f in arrays.get("files", [])]
+    sds = np.array([_roi_sd(arrays, roi) for roi in rois])
+    # ROIs differ in response scale: plot in units of each ROI's measured test SD where stored.
+    in_sd = bool(np.all(np.isfinite(sds) & (sds > 0)))
+    scale = sds if in_sd else np.ones(len(rois))
     paths = []
     for i, image_id in enumerate(np.asarray(arrays["image_id"]).tolist()):
-        stem = out_dir / f"{prefix}_{_image_label(int(image_id), files)}"
+        label = _image_label(int(image_id), files)
+        stem = out_dir / f"{prefix}_{label}"
         frames = arrays["images"][i]
         paths.append(write_video(frames, stem, fps=fps))
         paths.append(write_strip(frames, stem.with_name(stem.name + "_strip")))
-        label = _image_label(int(image_id), files)
         title = f"{_text(arrays, 'model')}: {direction} {driven}, image {label}"
         paths.append(
             plot_responses(
                 np.asarray(arrays["eps"], dtype=np.float64),
-                {roi: arrays["responses"][i, :, k] for k, roi in enumerate(rois)},
+                {roi: arrays["responses"][i, :, k] / scale[k] for k, roi in enumerate(rois)},
                 stem.with_name(stem.name + "_responses"),
                 driven=driven,
                 held=held,
                 title=title,
+                unit="test SD" if in_sd else "predicted units",
             )
         )
     return paths
@@ -283,6 +290,12 @@ def _targeted_arrays(
     return RunStore(dir=run_dir, key=run_dir.name, columns={}).load_array(
         f"targeted_{roi}_{direction}"
     )
+
+
+def _roi_sd(arrays: Mapping[str, np.ndarray], roi: str) -> float:
+    if "test_sd" not in arrays:
+        return float("nan")
+    return float(np.asarray(arrays["test_sd"])[[str(r) for r in arrays["rois"]].index(roi)])
 
 
 def side_by_side(
@@ -336,14 +349,21 @@ def side_by_side(
 
     eps = eps[0]
     n_cols = len(eps)
+    # Changes in units of the ROI's measured test-set SD where every source stored it, so
+    # subjects compare; else in the encoders' raw response units.
+    sds = [_roi_sd(a, roi) for a in loaded.values()]
+    in_sd = all(np.isfinite(sd) and sd > 0 for sd in sds)
+    unit = f"test SD of {roi}" if in_sd else "predicted units"
     fig = plt.figure(figsize=(1.5 * n_cols + 0.6, 1.6 * (len(loaded) + 1) + 0.3))
     grid = fig.add_gridspec(len(loaded) + 1, n_cols)
     curve_ax = fig.add_subplot(grid[0, 1:]) if n_cols > 1 else None
-    for row, (label, arrays) in enumerate(loaded.items(), start=1):
+    for row, ((label, arrays), sd) in enumerate(zip(loaded.items(), sds), start=1):
         i = np.asarray(arrays["image_id"]).tolist().index(image_id)
         k = [str(r) for r in arrays["rois"]].index(roi)
         frames = to_uint8(arrays["images"][i])
-        response = np.asarray(arrays["responses"][i, :, k], dtype=np.float64)
+        response = np.asarray(arrays["responses"][i, :, k], dtype=np.float64) / (
+            sd if in_sd else 1.0
+        )
         if row == 1:
             ax = fig.add_subplot(grid[0, 0])
             ax.imshow(frames[0], interpolation="nearest")
@@ -361,7 +381,7 @@ def side_by_side(
             curve_ax.plot(eps, response - response[0], marker="o", ms=3, label=label)
     if curve_ax is not None:
         _eps_axis(curve_ax, eps)
-        curve_ax.set(xlabel="eps", ylabel=f"change in {roi}")
+        curve_ax.set(xlabel="eps", ylabel=f"change in {roi}\n({unit})")
         curve_ax.axhline(0.0, color="0.6", lw=0.8)
         curve_ax.legend(fontsize=7)
     fig.suptitle(f"{direction} {roi}: image {image_id}", fontsize=9)
@@ -369,9 +389,7 @@ def side_by_side(
     return _save_figure(fig, out)
 
 
-def mei_grid(
-    per_roi: Mapping[str, Mapping[str, np.ndarray]], path: str | Path, title: str = ""
-) -> Path:
+def mei_grid(per_roi: Mapping[str, Mapping[str, np.ndarray]], path: str | Path) -> Path:
     """ROI rows x seed columns of MEIs, each captioned with its target ROI's response."""
     rows, captions = [], []
     for roi, arrays in per_roi.items():
@@ -406,32 +424,37 @@ def gallery(root: str | Path, out: str | Path) -> list[Path]:
     # (subject, array name) -> [(row label, robust, run dir, driven roi, direction)]
     targeted: dict[tuple[Any, str], list[tuple[str, bool, Path, str, str]]] = defaultdict(list)
     meis: dict[Any, dict[str, dict[str, Mapping[str, np.ndarray]]]] = defaultdict(dict)
+    used: set[Path] = set()
+
+    def unique(path: Path, key: str) -> Path:
+        # Two runs of one model and subject (e.g. two schedules) must not overwrite each other.
+        path = path if path not in used else path.with_name(f"{path.name}_{key[:8]}")
+        used.add(path)
+        return path
+
     for run in ResultsStore(root).runs():
-        run_dir = root / "runs" / run["key"]
-        store = RunStore(dir=run_dir, key=run["key"], columns=run["columns"])
+        key = run["key"]
+        run_dir = root / "runs" / key
+        store = RunStore(dir=run_dir, key=key, columns=run["columns"])
         subject = run["columns"].get("subject", "?")
-        run_out = out / f"{run['columns'].get('model', run['key'])}_s{subject}"
+        run_out = out / f"{run['columns'].get('model', key)}_s{subject}"
         mei_arrays = {}
         for npz in sorted((run_dir / "arrays").glob("*.npz")):
             if npz.stem.startswith("targeted_"):
                 arrays = store.load_array(npz.stem)
-                paths += targeted_media(arrays, run_out, npz.stem)
+                paths += targeted_media(arrays, run_out, unique(run_out / npz.stem, key).name)
                 robust = bool(arrays["robust"]) if "robust" in arrays else False
-                targeted[(subject, npz.stem)].append(
-                    (
-                        _model_label(arrays),
-                        robust,
-                        run_dir,
-                        _text(arrays, "driven_roi"),
-                        _text(arrays, "direction"),
-                    )
-                )
+                driven, direction = _text(arrays, "driven_roi"), _text(arrays, "direction")
+                label = _model_label(arrays)
+                targeted[(subject, npz.stem)].append((label, robust, run_dir, driven, direction))
             elif npz.stem.startswith("mei_"):
                 arrays = store.load_array(npz.stem)
                 mei_arrays[str(arrays["target_roi"])] = arrays
         if mei_arrays:
-            paths.append(mei_grid(mei_arrays, run_out / "mei_grid"))
-            meis[subject][_model_label(next(iter(mei_arrays.values())))] = mei_arrays
+            paths.append(mei_grid(mei_arrays, unique(run_out / "mei_grid", key)))
+            label = _model_label(next(iter(mei_arrays.values())))
+            label = label if label not in meis[subject] else f"{label} [{key[:6]}]"
+            meis[subject][label] = mei_arrays
     for (subject, name), runs in sorted(targeted.items(), key=lambda kv: str(kv[0])):
         if len(runs) < 2:
             continue

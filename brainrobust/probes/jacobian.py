@@ -38,7 +38,7 @@ from brainrobust.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("randomized", "exact")
+METHODS = ("auto", "randomized", "exact")
 JVP_MODES = ("auto", "forward", "double_vjp")
 
 
@@ -139,7 +139,7 @@ def top_k_right_singular(
     oversample: int = 10,
     iters: int = 3,
     generator: torch.Generator | None = None,
-    method: Literal["randomized", "exact"] = "randomized",
+    method: Literal["auto", "randomized", "exact"] = "randomized",
     chunk: int = 32,
     jvp_mode: Literal["auto", "forward", "double_vjp"] = "auto",
 ) -> tuple[Tensor, Tensor]:
@@ -158,7 +158,8 @@ def top_k_right_singular(
     generator
         Source of the Gaussian start block (on x's device); None uses the global RNG.
     method
-        "randomized" (matrix-free) or "exact" (V vector-Jacobian products, then an SVD of J).
+        "randomized" (matrix-free), "exact" (V vector-Jacobian products, then an SVD of J) or
+        "auto" (`choose_method`).
     chunk, jvp_mode
         See `JacobianProducts`.
 
@@ -183,9 +184,11 @@ def top_k_right_singular(
                 f"k={k} must be between 1 and min(outputs, inputs) = min({ops.n_out}, {ops.n_in}); "
                 f"lower k"
             )
+        width = min(k + oversample, rank_bound)
+        if method == "auto":
+            method = choose_method(ops.n_out, ops.n_in, k, oversample, iters)
         if method == "exact":
             return _exact_top_k(ops.jacobian().float(), k)
-        width = min(k + oversample, rank_bound)
         z = torch.randn(x.shape[0], ops.n_out, width, generator=generator, device=x.device)
         y = ops.jt(z).float()
         for _ in range(iters):
@@ -193,6 +196,16 @@ def top_k_right_singular(
             y = ops.jt(z).float()
         u, s, _ = torch.linalg.svd(y, full_matrices=False)
         return u[:, :, :k].contiguous(), s[:, :k]
+
+
+def choose_method(n_out: int, n_in: int, k: int, oversample: int, iters: int) -> str:
+    """The cheaper method: "exact" needs n_out products, "randomized" l (2 iters + 1).
+
+    Small ROIs (tens of voxels, as in the synthetic twin) get the exact answer for less work;
+    real NSD ROIs (hundreds to thousands of voxels) get the matrix-free method.
+    """
+    width = min(k + oversample, n_out, n_in)
+    return "exact" if n_out <= width * (2 * iters + 1) else "randomized"
 
 
 def _exact_top_k(jac: Tensor, k: int) -> tuple[Tensor, Tensor]:

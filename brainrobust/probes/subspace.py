@@ -4,12 +4,17 @@ For every selected test image and ROI: the top-k right singular vectors P (D x k
 Jacobian J (voxels x pixels) of the ROI's predicted voxel responses, i.e. the k pixel-space
 directions that change the ROI's response pattern most per unit L2 norm, and their singular
 values sigma (the eigenvalues of J^T J are sigma^2). Computed matrix-free
-(`brainrobust.probes.jacobian`).
+(`brainrobust.probes.jacobian`); method "auto" takes the exact Jacobian when an ROI has so few
+voxels that it is the cheaper of the two, and the records' `method` column says which ran.
 
 Records (long format), per image and ROI: metric "sigma_1" .. "sigma_k" (descending; one metric
-per rank so the default per-metric summary stays meaningful) and "participation_ratio", the
+per rank so the default per-metric summary stays meaningful); "participation_ratio", the
 effective dimensionality of the top-k eigenvalues, (sum sigma^2)^2 / sum sigma^4: 1 when one
-direction dominates, k when all k are equally sensitive.
+direction dominates, k when all k are equally sensitive; and "gap_ratio" = sigma_(k+1) / sigma_k
+(the probe computes k + 1 directions when the ROI has more than k voxels): close to 1, the top-k
+subspace is barely separated from the next direction, so it, and its similarity to other
+models' subspaces, is ill-determined (and the randomized method converges slowly). With the
+randomized method sigma_(k+1) is a Rayleigh-Ritz value, a slight underestimate.
 
 Arrays: `subspace_<roi>` holds P (n, D, k), sigma (n, k) and image_id (n,), fp16 (full-precision
 sigma is in the records), so `brainrobust.analysis.subspaces` compares any pair of runs without
@@ -26,7 +31,12 @@ import torch
 
 from brainrobust.errors import ConfigError
 from brainrobust.probes.base import Probe, ProbeContext
-from brainrobust.probes.jacobian import JVP_MODES, METHODS, top_k_right_singular
+from brainrobust.probes.jacobian import (
+    JVP_MODES,
+    METHODS,
+    choose_method,
+    top_k_right_singular,
+)
 
 VOXELS = ("roi", "all")
 
@@ -54,7 +64,7 @@ class SubspaceProbe(Probe):
         k: int = 10,
         oversample: int = 10,
         iters: int = 3,
-        method: Literal["randomized", "exact"] = "randomized",
+        method: Literal["auto", "randomized", "exact"] = "auto",
         voxels: Literal["roi", "all"] = "roi",
         batch_size: int = 8,
         chunk: int = 32,
@@ -81,16 +91,17 @@ class SubspaceProbe(Probe):
         self.voxels, self.batch_size = voxels, batch_size
         self.chunk, self.jvp_mode = chunk, jvp_mode
 
-    def targets(self, encoder: torch.nn.Module) -> dict[str, torch.Tensor | None]:
-        """Name -> voxel columns of each Jacobian (None = every voxel); k checked against each."""
+    def targets(self, encoder: torch.nn.Module) -> dict[str, tuple[torch.Tensor | None, int]]:
+        """Name -> (voxel columns of its Jacobian or None for every voxel, voxel count)."""
         if self.voxels == "all":
             with torch.no_grad():
                 n_all = int(encoder(self.context.images[:1].to(self.context.device)).shape[1])
-            sizes, targets = {"all": n_all}, {"all": None}
+            targets = {"all": (None, n_all)}
         else:
-            targets = {roi: encoder.rois[roi] for roi in self.selected_rois()}
-            sizes = {roi: len(idx) for roi, idx in targets.items()}
-        for name, size in sizes.items():
+            targets = {
+                roi: (encoder.rois[roi], len(encoder.rois[roi])) for roi in self.selected_rois()
+            }
+        for name, (_, size) in targets.items():
             if self.k > size:
                 raise ConfigError(
                     f"probe.subspace.k={self.k} exceeds the {size} voxels of {name}: "
@@ -102,12 +113,20 @@ class SubspaceProbe(Probe):
         images, ids = self.selected_images(ctx.device)
         generator = ctx.generator()
         frames = []
-        for name, idx in self.targets(encoder).items():
-            p, sigma = self.subspaces(encoder, idx, images, generator)
-            ctx.store.save_array(f"subspace_{name}", {"P": p, "sigma": sigma, "image_id": ids})
-            frames.append(self.records(sigma, ids, name))
+        for name, (idx, size) in self.targets(encoder).items():
+            # One direction more than stored, for the gap ratio, when the ROI has it.
+            n_dirs = min(self.k + 1, size)
+            method = self.method
+            if method == "auto":
+                method = choose_method(size, images[0].numel(), n_dirs, self.oversample, self.iters)
+            p, sigma = self.subspaces(encoder, idx, images, n_dirs, method, generator)
+            ctx.store.save_array(
+                f"subspace_{name}",
+                {"P": p[:, :, : self.k], "sigma": sigma[:, : self.k], "image_id": ids},
+            )
+            frames.append(self.records(sigma, ids, name).assign(method=method))
         records = pd.concat(frames, ignore_index=True)
-        for setting in ("k", "method", "iters", "oversample", "voxels"):
+        for setting in ("k", "iters", "oversample", "voxels"):
             records[setting] = getattr(self, setting)
         return records
 
@@ -116,9 +135,11 @@ class SubspaceProbe(Probe):
         encoder: torch.nn.Module,
         idx: torch.Tensor | None,
         images: torch.Tensor,
+        n_dirs: int,
+        method: str,
         generator: torch.Generator,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """P (n, D, k) fp16 and sigma (n, k) float64 for every image, batch by batch."""
+        """P (n, D, n_dirs) fp16 and sigma (n, n_dirs) float64 for every image, batch by batch."""
         if idx is None:
             fn = encoder
         else:
@@ -132,11 +153,11 @@ class SubspaceProbe(Probe):
             p, sigma = top_k_right_singular(
                 fn,
                 images[start : start + self.batch_size],
-                self.k,
+                n_dirs,
                 oversample=self.oversample,
                 iters=self.iters,
                 generator=generator,
-                method=self.method,
+                method=method,
                 chunk=self.chunk,
                 jvp_mode=self.jvp_mode,
             )
@@ -146,11 +167,15 @@ class SubspaceProbe(Probe):
         return np.concatenate(ps), np.concatenate(sigmas)
 
     def records(self, sigma: np.ndarray, ids: np.ndarray, roi: str) -> pd.DataFrame:
-        eig = sigma**2
+        """Long-format records from (n, k) or, with the gap, (n, k + 1) singular values."""
+        top = sigma[:, : self.k]
+        eig = top**2
+        wide = pd.DataFrame({f"sigma_{i + 1}": top[:, i] for i in range(self.k)})
         with np.errstate(invalid="ignore", divide="ignore"):
-            participation = eig.sum(1) ** 2 / (eig**2).sum(1)
-        wide = pd.DataFrame({f"sigma_{i + 1}": sigma[:, i] for i in range(sigma.shape[1])})
-        wide["participation_ratio"] = participation
+            # 0/0 (an image where the ROI does not respond to any pixel) stays NaN: undefined.
+            wide["participation_ratio"] = eig.sum(1) ** 2 / (eig**2).sum(1)
+            if sigma.shape[1] > self.k:
+                wide["gap_ratio"] = sigma[:, self.k] / sigma[:, self.k - 1]
         wide["image_id"] = ids
         wide["roi"] = roi
         return wide.melt(id_vars=["image_id", "roi"], var_name="metric", value_name="value")

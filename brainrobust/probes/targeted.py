@@ -184,6 +184,8 @@ class TargetedProbe(Probe):
             "image_id": np.asarray(ids, dtype=np.int64),
             "responses": torch.cat(responses).double().numpy(),
             "rois": np.array(rois),
+            # Measured test-set SD per ROI: figures can show changes in SD units.
+            "test_sd": np.array([ctx.roi_stats.get(r, {}).get("test_sd", np.nan) for r in rois]),
             "driven_roi": np.array(self.roi),
             "direction": np.array(self.direction),
             "norm": np.array(self.attack.norm),

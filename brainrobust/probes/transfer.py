@@ -144,8 +144,7 @@ class TransferProbe(Probe):
                     )
                 chosen[r["key"]] = r
         _refuse_duplicates(list(chosen.values()), array)
-        return [RunStore(dir=root / "runs" / key, key=key, columns=r["columns"],
-                         identity=r.get("identity")) for key, r in sorted(chosen.items())]
+        return [store.open(r) for _, r in sorted(chosen.items())]
 
     # ---- one source ----------------------------------------------------------------------
 
