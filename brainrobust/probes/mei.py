@@ -199,14 +199,14 @@ def optimise_mei(
         start = param().detach()
     opt = torch.optim.Adam(param.parameters(), lr=lr)
     for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
         x = param()
         seen = random_affine(x, jitter, scale, rotate, generator) if transform else x
         response = (encoder(seen)[:, : weights.shape[1]] * weights).sum(1)
         loss = -response.mean()
         if diversity > 0:
             loss = loss + diversity * pairwise_cosine(x, groups)
-        loss.backward()
+        # Gradient of the spectrum only: backward() would also fill the encoder's weight grads.
+        (param.spectrum.grad,) = torch.autograd.grad(loss, [param.spectrum])
         opt.step()
     with torch.no_grad():
         return param().detach(), start
