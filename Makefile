@@ -11,8 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch 2.14.1 + torchvision 0.29.1 is the pair that imports together here (see README).
 	$(BIN)/pip install -e '.[dev]'
-	# torchattacks is a test-only reference; its own pins would pull another torch.
-	$(BIN)/pip install --no-deps 'torchattacks==3.5.1'
+	# torchattacks and robustness are test-only references; their own pins would pull another torch.
+	$(BIN)/pip install --no-deps 'torchattacks==3.5.1' 'robustness==1.2.1.post2'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,7 +33,7 @@ bench: install
 	$(BIN)/python benchmarks/run_all.py
 
 figures: install
-	$(BIN)/python -m brainrobust.analysis --root results --out figures
+	bash experiments/synthetic_study.sh results/synthetic_study figures
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=1.0, help="L2 budget")
     parser.add_argument("--voxels", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; best is kept")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {','.join(VARIANTS)} "
                              f"(default: CPU {DEFAULT_VARIANTS['cpu']}, CUDA {DEFAULT_VARIANTS['cuda']})")

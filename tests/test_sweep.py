@@ -41,7 +41,8 @@ def sweep(tmp_path, synthetic_root, monkeypatch):
                     f"model={model}", f"subject={subject}", f"data.root={root}",
                     f"paths.cache_dir={tmp_path / 'cache'}", f"paths.results_dir={tmp_path / 'results'}",
                     f"paths.log_dir={tmp_path / 'logs'}", "logger=none", "trainer.enable_progress_bar=false",
-                    "attack.steps=2", "probe.sensitivity.max_images=2", "probe.sensitivity.random_draws=1"])
+                    "model.input_size=64", "attack.steps=2", "probe.sensitivity.max_images=2",
+                    "probe.sensitivity.random_draws=1"])
             stores.append(run(cfg))
         return stores
     return _run_all, calls, tmp_path / "results"
