@@ -48,10 +48,12 @@ def sensitivity_vs_predictivity(records: pd.DataFrame, eps: float | None = None)
     """The paper's main scatter: test r of the ROI mean against sensitivity at one eps, per model."""
     adv = _require(records, "sensitivity", "abs_s", "`python run.py probe=[sensitivity]`")
     pred = _require(records, "predictivity", "r_roi_mean", "`python run.py`")
-    eps = float(np.median(adv.eps.unique())) if eps is None else eps
+    # By default the middle budget of the ladder (one that was actually run).
+    eps = float(np.sort(adv.eps.unique())[len(adv.eps.unique()) // 2]) if eps is None else eps
     at = adv[np.isclose(adv.eps, eps)]
     if at.empty:
-        raise DataError(f"no sensitivity records at eps={eps}; available: {sorted(adv.eps.unique())}")
+        raise DataError(f"no sensitivity records at eps={eps}; available: "
+                        f"{sorted(float(e) for e in adv.eps.unique())}")
     sens = at.groupby(["model", "subject", "roi"])["value"].mean().rename("sensitivity")
     r = pred.groupby(["model", "subject", "roi"])["value"].mean().rename("test_r")
     both = pd.concat([sens, r], axis=1, join="inner").reset_index()
@@ -70,7 +72,8 @@ def sensitivity_vs_predictivity(records: pd.DataFrame, eps: float | None = None)
 def matrix_heatmap(matrix: pd.DataFrame, title: str, label: str, vmin: float | None = None,
                    vmax: float | None = None, baseline: float | None = None) -> plt.Figure:
     """A labelled heatmap of a square or rectangular matrix (transfer, subspace similarity)."""
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * matrix.shape[1], 1.0 + 0.5 * matrix.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 0.7 * matrix.shape[1]),
+                                    max(4.0, 2.0 + 0.55 * matrix.shape[0])))
     im = ax.imshow(matrix.values.astype(float), cmap="viridis", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index], fontsize=7)
@@ -78,7 +81,7 @@ def matrix_heatmap(matrix: pd.DataFrame, title: str, label: str, vmin: float | N
     ax.set_ylabel(matrix.index.name or "")
     for (i, j), v in np.ndenumerate(matrix.values.astype(float)):
         if np.isfinite(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="w")
     full_title = title if baseline is None else f"{title}\n(random baseline {baseline:.2g})"
     ax.set_title(full_title, fontsize=9)
     fig.colorbar(im, ax=ax, label=label)

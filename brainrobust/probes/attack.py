@@ -82,6 +82,10 @@ class PGDConfig:
 class AttackRuntime:
     """Speed switches; they change how fast PGD runs, never what it may return.
 
+    They pay on CUDA (see benchmarks/bench_attack.py). On the 2-core CPU sandbox none of them
+    did: oneDNN's fp32 convolutions are most of each step, bf16 without AMX is slower, and
+    inductor's CPU code for the backward pass was 2x slower than eager.
+
     Parameters
     ----------
     amp_dtype : None, "bfloat16" or "float16": autocast the objective (forward and backward).
@@ -418,7 +422,7 @@ def _check_images(x: Tensor, clamp: bool) -> None:
     if not isinstance(x, Tensor) or x.dim() < 2 or x.dtype not in (torch.float32, torch.float64):
         desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ConfigError(f"images must be a float32/float64 tensor (N, 3, S, S), got {desc}")
-    if clamp and x.numel() and (x.amin() < 0 or x.amax() > 1):
+    if clamp and x.numel() and not (x.amin() >= 0 and x.amax() <= 1):  # NaN fails too
         raise ConfigError("images must lie in [0, 1] when attack.clamp is true; rescale them "
                           "(uint8 / 255) or set attack.clamp=false")
 
