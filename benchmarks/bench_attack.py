@@ -4,9 +4,10 @@ Ours attacks the pattern objective ||r(x + d) - r(x)||_2 of a 1,000-voxel linear
 pooled features of a timm backbone with random weights (no download); torchattacks attacks the
 cross-entropy of the same backbone with a 1,000-way head. Both run L2 PGD with the same eps, steps,
 step size and random start. Variants are timed in interleaved rounds (best of --repeats), so a
-shared machine's load hits every variant alike.
+shared machine's load hits every variant alike. On a loaded machine pass --threads 1: a second
+OpenMP thread that is not scheduled makes the other spin, and one attack then takes 20x longer.
 
-    python benchmarks/bench_attack.py                                  # CPU, ~1-2 min
+    python benchmarks/bench_attack.py                                  # CPU, ~2 min
     python benchmarks/bench_attack.py --device cuda --model resnet50 --batch 256 --size 224 \
         --variants fp32,bf16_cl,bf16_cl_compile
 """
@@ -86,8 +87,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; best is kept")
     parser.add_argument("--variants", default=None,
-                        help=f"comma-separated subset of {','.join(VARIANTS)} "
-                             f"(default: CPU {DEFAULT_VARIANTS['cpu']}, CUDA {DEFAULT_VARIANTS['cuda']})")
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: CPU "
+                             f"{DEFAULT_VARIANTS['cpu']}, CUDA {DEFAULT_VARIANTS['cuda']})")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args()
 
@@ -145,9 +146,12 @@ def main() -> None:
             wall[label], cpu[label] = min(wall[label], w), min(cpu[label], c)
 
     image_steps = args.batch * args.steps
-    print(f"\nL2 PGD, {args.model} (random weights) + {args.voxels}-voxel readout, batch {args.batch}, "
-          f"{args.size}x{args.size}, {args.steps} steps, device {device}, "
+    print(f"\nL2 PGD, {args.model} (random weights) + {args.voxels}-voxel readout, "
+          f"batch {args.batch}, {args.size}x{args.size}, {args.steps} steps, device {device}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    if device.type == "cuda":
+        print(f"{torch.cuda.get_device_name(device)}, TF32: cudnn "
+              f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}")
     # On a shared machine wall time carries the neighbours' load; process CPU time much less.
     on_cpu = device.type == "cpu"
     head = f"| {'variant':<42} | {'s / attack':>10} | {'image-steps/s':>13} | {'vs peer':>7} |"
@@ -169,12 +173,14 @@ def main() -> None:
         # The peer's own limit: it flattens gradients with .view, which a channels_last model's
         # input gradient does not allow.
         try:
-            attack_cl = torchattacks.PGDL2(copy.deepcopy(classifier).to(memory_format=torch.channels_last),
-                                           eps=args.eps, alpha=cfg.step_size * args.eps, steps=1)
+            classifier_cl = copy.deepcopy(classifier).to(memory_format=torch.channels_last)
+            attack_cl = torchattacks.PGDL2(classifier_cl, eps=args.eps,
+                                           alpha=cfg.step_size * args.eps, steps=1)
             attack_cl(x.contiguous(memory_format=torch.channels_last), labels)
             print("\ntorchattacks PGDL2 on a channels_last model: runs")
         except RuntimeError as err:
-            print(f"\ntorchattacks PGDL2 on a channels_last model: fails ({str(err).splitlines()[0][:90]})")
+            reason = str(err).splitlines()[0][:80]
+            print(f"\ntorchattacks PGDL2 on a channels_last model: fails ({reason})")
 
 
 def _ratio(seconds: dict[str, float], peer: str | None, label: str) -> str:

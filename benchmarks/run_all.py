@@ -18,7 +18,7 @@ def main() -> None:
     for script in sorted(HERE.glob("bench_*.py")):
         print(f"\n=== {script.name}", flush=True)
         args = QUICK.get(script.name, []) if quick else []
-        if subprocess.run([sys.executable, str(script), *args]).returncode != 0:
+        if subprocess.run([sys.executable, str(script), *args], check=False).returncode != 0:
             failed.append(script.name)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

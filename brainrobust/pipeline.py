@@ -193,8 +193,8 @@ def summary_table(store: RunStore) -> pd.DataFrame:
     if store.has_records("sensitivity"):
         sens = store.read_records("sensitivity")
         for metric, label in (("abs_s", "|s|"), ("random_abs_s", "random")):
-            wide = (sens[sens.metric == metric].groupby(["roi", "eps"])["value"].mean()
-                    .unstack("eps").rename(columns=lambda e: f"{label} eps={e:g}"))
+            wide = sens[sens.metric == metric].groupby(["roi", "eps"])["value"].mean().unstack("eps")
+            wide.columns = [f"{label} eps={e:g}" for e in wide.columns]
             rows = rows.join(wide)
     rows.insert(0, "model", store.columns["model"])
     return rows.reset_index()

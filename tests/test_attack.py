@@ -40,7 +40,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def svd_encoder(size: int = 8, voxels: int = 12, seed: int = 0):
-    """Linear encoder with a known spectrum: returns (encoder, sigma_1, top right singular vector)."""
+    """Linear encoder with a known spectrum: (encoder, sigma_1, top right singular vector)."""
     g = gen(seed)
     pixels = 3 * size * size
     left, _ = torch.linalg.qr(torch.randn(voxels, voxels, generator=g))

@@ -106,7 +106,7 @@ def test_cli_prints_one_line_and_exits_non_zero(finished):
     root, tmp = finished
     out = subprocess.run([sys.executable, "run.py", f"data.root={root}", f"paths.results_dir={tmp / 'results'}",
                           f"paths.log_dir={tmp / 'logs'}", f"paths.cache_dir={tmp / 'cache'}", "attack.steps=0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+                         cwd=REPO, check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "attack.steps" in errors[0]

@@ -9,11 +9,11 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from brainrobust.errors import DataError  # noqa: E402
+from brainrobust.errors import DataError
 
 
 def _require(records: pd.DataFrame, probe: str, metric: str, how: str) -> pd.DataFrame:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from brainrobust.files import write_text
 
@@ -14,8 +14,8 @@ def build_report(sections: Sequence[tuple[str, str, Sequence[Path]]], out: Path,
                  title: str = "brainrobust report") -> Path:
     """Write `out` from (heading, text, [png paths]) sections."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-             "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}</style></head><body>",
+             ("<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+              "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}</style></head><body>"),
              f"<h1>{html.escape(title)}</h1>"]
     for heading, text, images in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(text)}</p>")

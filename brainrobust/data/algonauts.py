@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from brainrobust.data.nsd import ArrayCache, SplitData
+from brainrobust.data.nsd import ArrayCache, SplitData, check_subject
 from brainrobust.data.rois import ROISpec, as_roi_specs, label_codes, roi_mask
 from brainrobust.errors import ConfigError, DataError
 from brainrobust.files import stable_hash
@@ -118,13 +118,7 @@ class AlgonautsLoader:
         return [s for s in range(1, N_SUBJECTS + 1) if self._fmri_path(s, "lh").is_file()]
 
     def _check_subject(self, subject: Any) -> int:
-        try:
-            s = int(subject)
-        except (TypeError, ValueError):
-            s = -1
-        if s != subject or not 1 <= s <= N_SUBJECTS:
-            raise ConfigError(f"unknown subject {subject!r}; valid: 1-{N_SUBJECTS} "
-                              f"(training fMRI present for {self.subjects})")
+        s = check_subject(subject, f"training fMRI present for {self.subjects}")
         if s not in self.subjects:
             raise _missing(self._fmri_path(s, "lh"))
         return s

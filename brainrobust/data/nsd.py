@@ -320,6 +320,17 @@ def _roi_columns(masks: dict[str, np.ndarray], flat: np.ndarray, valid: np.ndarr
     return out
 
 
+def check_subject(subject: Any, present: str) -> int:
+    """`subject` as an int 1-8, else a ConfigError that says which subjects have data."""
+    try:
+        s = int(subject)
+    except (TypeError, ValueError):
+        s = -1
+    if s != subject or not 1 <= s <= N_SUBJECTS:
+        raise ConfigError(f"unknown subject {subject!r}; valid: 1-{N_SUBJECTS} ({present})")
+    return s
+
+
 class NSDLoader:
     """Images, per-subject ROI responses and noise ceilings from the real NSD layout.
 
@@ -412,14 +423,7 @@ class NSDLoader:
         return len(self._session_files(self._check_subject(subject)))
 
     def _check_subject(self, subject: Any) -> int:
-        try:
-            s = int(subject)
-        except (TypeError, ValueError):
-            s = -1
-        if s != subject or not 1 <= s <= N_SUBJECTS:
-            raise ConfigError(f"unknown subject {subject!r}; valid: 1-{N_SUBJECTS} "
-                              f"(beta files present for {self.subjects})")
-        return s
+        return check_subject(subject, f"beta files present for {self.subjects}")
 
     def test_ids(self) -> np.ndarray:
         """Sorted 0-based 73k ids of the shared images every subject saw exactly 3 times."""

@@ -12,7 +12,8 @@ perturbation found on one encoder applies unchanged to any other (other models, 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import numpy as np

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,7 +73,8 @@ class PGDConfig:
             raise ConfigError(f"attack.step_size must be a finite number > 0 (relative to eps), "
                               f"got {self.step_size!r}")
         if not _is_real(self.min_gain) or not 0 <= self.min_gain < math.inf:
-            raise ConfigError(f"attack.min_gain must be a finite number >= 0, got {self.min_gain!r}")
+            raise ConfigError(f"attack.min_gain must be a finite number >= 0, "
+                              f"got {self.min_gain!r}")
         if self.restarts > 1 and not self.random_start:
             raise ConfigError(f"attack.restarts={self.restarts} needs attack.random_start=true "
                               f"(restarts from delta = 0 are all the same run)")
@@ -107,12 +109,12 @@ class AttackRuntime:
 
     def __post_init__(self) -> None:
         if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
-            raise ConfigError(f"attack runtime amp_dtype must be null or one of {list(AMP_DTYPES)}, "
-                              f"got {self.amp_dtype!r}")
+            raise ConfigError(f"attack runtime amp_dtype must be null or one of "
+                              f"{list(AMP_DTYPES)}, got {self.amp_dtype!r}")
 
     @classmethod
     def auto(cls, device: torch.device | str, compile: bool = False) -> AttackRuntime:
-        """bf16 autocast + channels_last on a CUDA device that supports bf16, plain fp32 elsewhere."""
+        """bf16 autocast + channels_last on a CUDA device with bf16, plain fp32 elsewhere."""
         device = torch.device(device)
         fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return cls(amp_dtype="bfloat16" if fast else None, channels_last=fast, compile=compile)
@@ -140,6 +142,22 @@ class AttackResult:
     objective: Tensor
     norm: Tensor
     steps_used: Tensor
+
+
+def pgd_config(attack: PGDConfig | Mapping[str, Any] | None, norm: str | None = None) -> PGDConfig:
+    """A PGDConfig from a probe's `attack` setting (a config mapping or a PGDConfig).
+
+    With `norm`, the probe fixes the norm itself: an attack.norm that disagrees is an error.
+    """
+    if isinstance(attack, PGDConfig):
+        attack = {name: getattr(attack, name) for name in attack.__dataclass_fields__}
+    settings = {k: v for k, v in dict(attack or {}).items() if k != "_target_"}
+    if norm is not None:
+        if settings.get("norm", norm) != norm:
+            raise ConfigError(f"attack.norm={settings['norm']!r} disagrees with the probe's norm "
+                              f"{norm!r}; set the probe's norm only")
+        settings["norm"] = norm
+    return PGDConfig(**settings)
 
 
 def validate_eps(eps: float | Sequence[float] | Tensor) -> Tensor:
@@ -415,7 +433,8 @@ def _check_objective(obj: Tensor, n: int) -> None:
     # Shapes are host metadata: this check costs no device sync.
     if not isinstance(obj, Tensor) or obj.shape != (n,):
         shape = tuple(obj.shape) if isinstance(obj, Tensor) else type(obj).__name__
-        raise ConfigError(f"the objective must return one value per image, shape ({n},), got {shape}")
+        raise ConfigError(f"the objective must return one value per image, shape ({n},), "
+                          f"got {shape}")
 
 
 def _check_images(x: Tensor, clamp: bool) -> None:
@@ -433,7 +452,8 @@ def _per_sample_eps(eps: float | Tensor, x: Tensor) -> Tensor:
     if values.numel() == 1:
         values = values.expand(n)
     elif values.shape != (n,):
-        raise ConfigError(f"eps must be one number or one per image ({n}), got {values.numel()} values")
+        raise ConfigError(f"eps must be one number or one per image ({n}), "
+                          f"got {values.numel()} values")
     return values.to(device=x.device, dtype=x.dtype)
 
 

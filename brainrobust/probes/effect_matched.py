@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from brainrobust.errors import ConfigError, DataError
-from brainrobust.probes.attack import PGDConfig, pgd
+from brainrobust.probes.attack import PGDConfig, pgd, pgd_config
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.objectives import make_objective
 
@@ -51,8 +51,7 @@ class EffectMatchedProbe(Probe):
         force: bool = False,
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
-        self.attack = attack if isinstance(attack, PGDConfig) else PGDConfig(
-            **{k: v for k, v in dict(attack).items() if k != "_target_"})
+        self.attack = pgd_config(attack)
         self.effect_kind, self.effect_value = _parse_effect(effect)
         if not (_positive(eps_min) and _positive(eps_max) and eps_max > eps_min):
             raise ConfigError(f"effect_matched needs 0 < eps_min < eps_max, got {eps_min}, {eps_max}")

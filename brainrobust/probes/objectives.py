@@ -79,7 +79,8 @@ def make_objective(
     for name, weight in hold.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
                 or not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"hold weight for {name!r} must be a finite number >= 0, got {weight!r}")
+            raise ConfigError(f"hold weight for {name!r} must be a finite number >= 0, "
+                              f"got {weight!r}")
     if encoder.training:
         raise ConfigError("the encoder must be in eval mode for an attack (call encoder.eval()); "
                           "in train mode batch statistics couple the images")

@@ -8,26 +8,28 @@ negative control: random perturbations of the same achieved norm.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from brainrobust.errors import ConfigError
-from brainrobust.probes.attack import PGDConfig, expand_ladder, pgd, random_perturbation, validate_eps
+from brainrobust.probes.attack import (
+    PGDConfig,
+    expand_ladder,
+    pgd,
+    pgd_config,
+    random_perturbation,
+    validate_eps,
+)
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.objectives import OBJECTIVES, make_objective
 
 # Records are long format: these wide columns are melted into (metric, value) rows.
 METRICS = ("r_clean", "r_adv", "s", "abs_s", "s_sd", "s_nc", "norm", "steps_used",
            "random_abs_s", "random_abs_s_max")
-
-
-def pgd_config(attack: PGDConfig | Mapping[str, Any]) -> PGDConfig:
-    if isinstance(attack, PGDConfig):
-        return attack
-    return PGDConfig(**{k: v for k, v in dict(attack).items() if k != "_target_"})
 
 
 class SensitivityProbe(Probe):

@@ -36,6 +36,7 @@ from brainrobust.probes.attack import (
     expand_ladder,
     norm_of,
     pgd,
+    pgd_config,
     project,
     validate_eps,
 )
@@ -57,19 +58,6 @@ def validate_schedule(eps_schedule: Sequence[float]) -> torch.Tensor:
             f"targeted.eps_schedule must be strictly increasing, got {values.tolist()}"
         )
     return values
-
-
-def pgd_settings(attack: PGDConfig | Mapping[str, Any] | None, norm: str) -> PGDConfig:
-    """The probe's PGD settings with its own norm (an attack.norm that disagrees is an error)."""
-    if isinstance(attack, PGDConfig):
-        attack = {k: getattr(attack, k) for k in attack.__dataclass_fields__}
-    settings = {k: v for k, v in dict(attack or {}).items() if k != "_target_"}
-    if settings.get("norm", norm) != norm:
-        raise ConfigError(
-            f"targeted.attack.norm={settings['norm']!r} disagrees with targeted.norm={norm!r}; "
-            "set targeted.norm only"
-        )
-    return PGDConfig(**{**settings, "norm": norm})
 
 
 class TargetedProbe(Probe):
@@ -113,7 +101,7 @@ class TargetedProbe(Probe):
         self.roi = roi
         self.direction = direction
         self.eps = validate_schedule(eps_schedule)
-        self.attack = pgd_settings(attack, norm)
+        self.attack = pgd_config(attack, norm)
         self.hold = {k: float(w) for k, w in hold.items()}
         self.images = ImageSelection.parse(images or {"select": "top", "n": 4}, "targeted.images")
         self.warm_start = warm_start
