@@ -17,6 +17,7 @@ import torch
 
 from brainrobust.errors import ConfigError
 from brainrobust.probes.attack import (
+    AttackRuntime,
     PGDConfig,
     expand_ladder,
     pgd,
@@ -45,10 +46,12 @@ class SensitivityProbe(Probe):
         max_images: int | None = None,
         rois: list[str] | None = None,
         save_perturbations: bool = True,
+        compile: bool = False,
         force: bool = False,
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
         self.attack = pgd_config(attack)
+        self.compile = compile
         self.eps = validate_eps(eps)
         if objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {objective!r}; valid: {sorted(OBJECTIVES)}")
@@ -97,8 +100,10 @@ class SensitivityProbe(Probe):
             x = images[start:start + self.batch_size]
             xe, eps_e, ladder_idx = expand_ladder(x, self.eps.tolist())
             image_idx = start + torch.arange(len(x)).repeat(n_eps)
+            # bf16 autocast + channels_last on a CUDA device with bf16, plain fp32 elsewhere.
+            runtime = AttackRuntime.auto(x.device, compile=self.compile)
             result = pgd(make_objective(encoder, roi, self.objective, xe), xe, eps_e,
-                         self.attack, generator=generator)
+                         self.attack, generator=generator, runtime=runtime)
             with torch.no_grad():
                 r_clean = encoder.roi_response(xe, roi)
                 r_adv = encoder.roi_response(xe + result.delta, roi)
