@@ -9,18 +9,46 @@ they never import each other.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 
-from brainrobust.errors import ConfigError
+from brainrobust.errors import BrainRobustError, ConfigError
 from brainrobust.results.store import RunStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def adaptive_chunks(n: int, batch_size: int, work: Callable[[int, int], T]) -> list[T]:
+    """`work(start, stop)` over [0, n) in chunks, halving the chunk on CUDA out-of-memory.
+
+    A chunk that fails is redone smaller instead of crashing the run. Only the random draws
+    (random starts, control noise) follow the chunking; rerun with the logged batch size to
+    reproduce them bit for bit.
+    """
+    out, start = [], 0
+    while start < n:
+        stop = min(n, start + batch_size)
+        try:
+            out.append(work(start, stop))
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise BrainRobustError(
+                    "out of GPU memory with one image per batch; use a smaller data.image_size "
+                    "or model, or a GPU with more memory") from None
+            batch_size = max(1, batch_size // 2)
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory: batch size lowered to %d", batch_size)
+            continue
+        start = stop
+    return out
 
 
 @dataclass

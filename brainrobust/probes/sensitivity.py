@@ -25,7 +25,7 @@ from brainrobust.probes.attack import (
     random_perturbation,
     validate_eps,
 )
-from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.probes.base import Probe, ProbeContext, adaptive_chunks
 from brainrobust.probes.objectives import OBJECTIVES, make_objective
 
 # Records are long format: these wide columns are melted into (metric, value) rows.
@@ -92,36 +92,37 @@ class SensitivityProbe(Probe):
 
     def _attack_roi(self, encoder, roi: str, images: torch.Tensor,
                     generator: torch.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        n_eps = len(self.eps)
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "eps", *METRICS)
-                                             if k not in ("s_sd", "s_nc")}
-        deltas = []
-        for start in range(0, len(images), self.batch_size):
-            x = images[start:start + self.batch_size]
-            xe, eps_e, ladder_idx = expand_ladder(x, self.eps.tolist())
-            image_idx = start + torch.arange(len(x)).repeat(n_eps)
-            # bf16 autocast + channels_last on a CUDA device with bf16, plain fp32 elsewhere.
-            runtime = AttackRuntime.auto(x.device, compile=self.compile)
-            result = pgd(make_objective(encoder, roi, self.objective, xe), xe, eps_e,
-                         self.attack, generator=generator, runtime=runtime)
-            with torch.no_grad():
-                r_clean = encoder.roi_response(xe, roi)
-                r_adv = encoder.roi_response(xe + result.delta, roi)
-                random_effects = torch.stack([
-                    (encoder.roi_response(xe + random_perturbation(
-                        xe, eps_e, self.attack.norm, generator, match_norm=result.norm), roi)
-                     - r_clean).abs()
-                    for _ in range(self.random_draws)
-                ])
-            s = r_clean - r_adv
-            # The configured budgets themselves (float64), not their float32 copies in eps_e.
-            for name, value in (("image", image_idx), ("eps", self.eps[ladder_idx.cpu()]), ("r_clean", r_clean),
-                                ("r_adv", r_adv), ("s", s), ("abs_s", s.abs()), ("norm", result.norm),
-                                ("steps_used", result.steps_used),
-                                ("random_abs_s", random_effects.mean(0)),
-                                ("random_abs_s_max", random_effects.amax(0))):
-                parts[name].append(value.detach().cpu().numpy())
-            deltas.append(result.delta.detach().reshape(n_eps, len(x), *x.shape[1:]).half().cpu().numpy())
-        columns = {k: np.concatenate(v) for k, v in parts.items()}
+        chunks = adaptive_chunks(
+            len(images), self.batch_size,
+            lambda start, stop: self._attack_chunk(encoder, roi, images[start:stop], start, generator))
+        columns = {k: np.concatenate([c[0][k] for c in chunks]) for k in chunks[0][0]}
         columns["steps_used"] = columns["steps_used"].astype(np.float64)
-        return columns, np.concatenate(deltas, axis=1)
+        return columns, np.concatenate([c[1] for c in chunks], axis=1)
+
+    def _attack_chunk(self, encoder, roi: str, x: torch.Tensor, start: int,
+                      generator: torch.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The whole ladder for one batch of images: PGD, responses and the random control."""
+        n_eps = len(self.eps)
+        xe, eps_e, ladder_idx = expand_ladder(x, self.eps.tolist())
+        image_idx = start + torch.arange(len(x)).repeat(n_eps)
+        # bf16 autocast + channels_last on a CUDA device with bf16, plain fp32 elsewhere.
+        runtime = AttackRuntime.auto(x.device, compile=self.compile)
+        result = pgd(make_objective(encoder, roi, self.objective, xe), xe, eps_e,
+                     self.attack, generator=generator, runtime=runtime)
+        with torch.no_grad():
+            r_clean = encoder.roi_response(xe, roi)
+            r_adv = encoder.roi_response(xe + result.delta, roi)
+            random_effects = torch.stack([
+                (encoder.roi_response(xe + random_perturbation(
+                    xe, eps_e, self.attack.norm, generator, match_norm=result.norm), roi)
+                 - r_clean).abs()
+                for _ in range(self.random_draws)
+            ])
+        s = r_clean - r_adv
+        # The configured budgets themselves (float64), not their float32 copies in eps_e.
+        values = {"image": image_idx, "eps": self.eps[ladder_idx.cpu()], "r_clean": r_clean,
+                  "r_adv": r_adv, "s": s, "abs_s": s.abs(), "norm": result.norm,
+                  "steps_used": result.steps_used, "random_abs_s": random_effects.mean(0),
+                  "random_abs_s_max": random_effects.amax(0)}
+        delta = result.delta.detach().reshape(n_eps, len(x), *x.shape[1:]).half().cpu().numpy()
+        return {k: v.detach().cpu().numpy() for k, v in values.items()}, delta
