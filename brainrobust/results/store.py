@@ -1,0 +1,188 @@
+"""The results store: one record set per run, keyed by a hash of its resolved config.
+
+Layout under the store root (the embedded default is `results/`):
+
+    runs/<key>/run.json              the identity config, the flat key columns, versions
+    runs/<key>/records/<probe>.parquet   long-format records of one probe
+    runs/<key>/arrays/<name>.npz         large tensors (perturbations, subspaces), fp16 compressed
+    runs/<key>/DONE                  written last: the run finished every probe
+
+Every file is written atomically, so a killed job leaves no partial file. A probe whose parquet
+exists is skipped on rerun, so an interrupted run resumes at the probe it stopped in, and a run
+whose DONE exists is skipped whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from brainrobust.errors import BrainRobustError, DataError
+from brainrobust.files import atomic_path, sha256_file, stable_hash, write_bytes, write_json
+
+# Bumped whenever the record columns change meaning; load() refuses to merge across it.
+SCHEMA_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from brainrobust import __version__
+
+    return {
+        "brainrobust": __version__,
+        "schema": str(SCHEMA_VERSION),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class RunStore:
+    """The files of one run."""
+
+    dir: Path
+    key: str
+    columns: dict[str, Any]
+    identity: dict[str, Any] | None = None
+
+    def _claim(self) -> None:
+        """Write run.json on the first write, so composing or dry-running a run leaves no trace."""
+        meta_path = self.dir / "run.json"
+        if not meta_path.exists():
+            write_json(meta_path, {"key": self.key, "identity": self.identity,
+                                   "columns": self.columns, "versions": versions()})
+
+    @property
+    def records_dir(self) -> Path:
+        return self.dir / "records"
+
+    def records_path(self, probe: str) -> Path:
+        return self.records_dir / f"{probe}.parquet"
+
+    def has_records(self, probe: str) -> bool:
+        return self.records_path(probe).exists()
+
+    def is_complete(self) -> bool:
+        return (self.dir / "DONE").exists()
+
+    def write_records(self, probe: str, df: pd.DataFrame) -> Path:
+        """Write one probe's long-format records, with the run's key columns added."""
+        if "metric" not in df.columns or "value" not in df.columns:
+            raise DataError(f"records of probe {probe!r} need 'metric' and 'value' columns")
+        self._claim()
+        df = df.copy()
+        df.insert(0, "probe", probe)
+        df.insert(0, "run_key", self.key)
+        for name, value in self.columns.items():
+            if name not in df.columns:
+                df[name] = value
+        path = self.records_path(probe)
+        with atomic_path(path) as tmp:
+            df.to_parquet(tmp, index=False)
+        return path
+
+    def read_records(self, probe: str) -> pd.DataFrame:
+        return pd.read_parquet(self.records_path(probe))
+
+    def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, str]:
+        """Save a large float array (or a dict of arrays) as compressed npz; floats kept as fp16."""
+        self._claim()
+        arrays = dict(arr) if isinstance(arr, Mapping) else {"data": arr}
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **{k: _compact(v) for k, v in arrays.items()})
+        path = self.array_path(name)
+        write_bytes(path, buf.getvalue())
+        return {"path": str(path), "sha256": sha256_file(path)}
+
+    def array_path(self, name: str) -> Path:
+        return self.dir / "arrays" / f"{name}.npz"
+
+    def has_array(self, name: str) -> bool:
+        return self.array_path(name).exists()
+
+    def load_array(self, name: str) -> dict[str, np.ndarray]:
+        path = self.array_path(name)
+        if not path.exists():
+            raise DataError(f"array {name!r} not found in run {self.key} ({path}); rerun that run first")
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+
+    def mark_complete(self) -> None:
+        self._claim()
+        write_json(self.dir / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _compact(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v)
+    return v.astype(np.float16) if v.dtype.kind == "f" and v.dtype.itemsize > 2 else v
+
+
+class ResultsStore:
+    """All runs under one root."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def run(self, identity: Mapping[str, Any], columns: Mapping[str, Any]) -> RunStore:
+        """The RunStore for a run identified by `identity` (a plain, resolved config dict).
+
+        `columns` are the flat key columns (model, subject, roi, ...) added to every record.
+        """
+        key = stable_hash(identity)
+        run_dir = self.root / "runs" / key
+        meta_path = run_dir / "run.json"
+        if meta_path.exists():
+            stored = json.loads(meta_path.read_text())
+            if stored.get("identity") != json.loads(json.dumps(identity, default=str)):
+                raise BrainRobustError(
+                    f"results run {key} holds another config (hash collision or edited run.json); "
+                    f"move {run_dir} away"
+                )
+        return RunStore(dir=run_dir, key=key, columns=dict(columns), identity=dict(identity))
+
+    def open(self, meta: Mapping[str, Any]) -> RunStore:
+        """The RunStore of an existing run, from one of `runs()`' entries."""
+        return RunStore(dir=self.root / "runs" / meta["key"], key=meta["key"],
+                        columns=dict(meta["columns"]), identity=meta.get("identity"))
+
+    def runs(self) -> list[dict[str, Any]]:
+        out = []
+        for meta_path in sorted(self.root.glob("runs/*/run.json")):
+            meta = json.loads(meta_path.read_text())
+            run_dir = meta_path.parent
+            meta["complete"] = (run_dir / "DONE").exists()
+            meta["probes"] = sorted(p.stem for p in (run_dir / "records").glob("*.parquet"))
+            out.append(meta)
+        return out
+
+
+def load(root: str | Path, probe: str | None = None) -> pd.DataFrame:
+    """Merge the records of every run under `root` (optionally of one probe) into one table."""
+    store = ResultsStore(root)
+    runs = store.runs()
+    schemas = {r["versions"].get("schema") for r in runs}
+    if len(schemas) > 1:
+        raise DataError(
+            f"results under {root} mix record schema versions {sorted(schemas)}; "
+            "load each version's runs separately or rerun the old ones"
+        )
+    frames = []
+    for r in runs:
+        pattern = f"{probe}.parquet" if probe else "*.parquet"
+        for path in sorted((store.root / "runs" / r["key"] / "records").glob(pattern)):
+            frames.append(pd.read_parquet(path))
+    if not frames:
+        what = f"probe {probe!r}" if probe else "any probe"
+        raise DataError(f"no records of {what} under {root}; run `python run.py` (with that probe) first")
+    return pd.concat(frames, ignore_index=True)
