@@ -47,11 +47,13 @@ class SensitivityProbe(Probe):
         rois: list[str] | None = None,
         save_perturbations: bool = True,
         compile: bool = False,
+        amp: bool = True,
         force: bool = False,
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
         self.attack = pgd_config(attack)
         self.compile = compile
+        self.amp = amp
         self.eps = validate_eps(eps)
         if objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {objective!r}; valid: {sorted(OBJECTIVES)}")
@@ -105,8 +107,9 @@ class SensitivityProbe(Probe):
         n_eps = len(self.eps)
         xe, eps_e, ladder_idx = expand_ladder(x, self.eps.tolist())
         image_idx = start + torch.arange(len(x)).repeat(n_eps)
-        # bf16 autocast + channels_last on a CUDA device with bf16, plain fp32 elsewhere.
-        runtime = AttackRuntime.auto(x.device, compile=self.compile)
+        # amp: bf16 autocast + channels_last on a CUDA device with bf16; fp32 elsewhere or when off.
+        runtime = (AttackRuntime.auto(x.device, compile=self.compile) if self.amp
+                   else AttackRuntime(compile=self.compile))
         result = pgd(make_objective(encoder, roi, self.objective, xe), xe, eps_e,
                      self.attack, generator=generator, runtime=runtime)
         with torch.no_grad():
