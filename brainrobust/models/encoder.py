@@ -53,10 +53,6 @@ class BrainEncoder(L.LightningModule):
         self._test_true: list[torch.Tensor] = []
         self.predictivity: pd.DataFrame | None = None
 
-    @property
-    def n_voxels(self) -> int:
-        return int(self.readout.weight.shape[1])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             raise ConfigError(
