@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,14 @@ import pandas as pd
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from brainrobust.data.datamodule import BrainDataModule
 from brainrobust.errors import BrainRobustError, CacheError, ConfigError
 from brainrobust.files import stable_hash
 from brainrobust.models.encoder import BrainEncoder
-from brainrobust.models.features import build_feature_model, extract_features
+from brainrobust.models.features import build_feature_model, extract_features, feature_cache_key
 from brainrobust.models.readout import SOLVERS, LinearReadout, fit_ridge
 from brainrobust.models.zoo import ModelSpec
 from brainrobust.probes.base import Probe, ProbeContext
@@ -40,15 +42,37 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if isinstance(cause, BrainRobustError):
             raise cause from None
-        raise
+        # A typo'd or mistyped field: say which object could not be built and why, in one line.
+        reason = str(cause or err).splitlines()[0]
+        raise ConfigError(f"cannot build {node.get('_target_')}: {reason}; check its config "
+                          "keys (python run.py --cfg job shows them)") from None
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The part of the resolved config that determines a run's numbers: its results key."""
+    """The part of the resolved config that determines a run's numbers: its results key.
+
+    `key_ignore` lists dotted paths to leave out (`*` matches one level, e.g. `probe.*.force`).
+    The device type is added: fp32 CPU and bf16 GPU results never share a key.
+    """
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for name in cfg.get("key_ignore", []):
-        plain.pop(name, None)
+    for path in cfg.get("key_ignore", []):
+        _pop_path(plain, path.split("."))
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    plain["device"] = "cuda" if on_gpu else "cpu"
     return plain
+
+
+def _pop_path(tree: Any, parts: list[str]) -> None:
+    if not isinstance(tree, dict) or not parts:
+        return
+    head, rest = parts[0], parts[1:]
+    keys = list(tree) if head == "*" else [head]
+    for key in keys:
+        if not rest:
+            tree.pop(key, None)
+        else:
+            _pop_path(tree.get(key), rest)
 
 
 def key_columns(cfg: DictConfig) -> dict[str, Any]:
@@ -71,7 +95,11 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, lo
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs.get("inference_mode", False):
         raise ConfigError("trainer.inference_mode must be false: probes need gradients")
-    return L.Trainer(callbacks=callbacks or [], logger=logger, **kwargs)
+    try:
+        return L.Trainer(callbacks=callbacks or [], logger=logger, **kwargs)
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"trainer config: {reason}; see conf/trainer/default.yaml") from None
 
 
 def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule) -> BrainEncoder:
@@ -79,7 +107,11 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule) -> Brai
     preprocess, features = build_feature_model(spec, weights_dir=cfg.paths.weights_dir)
 
     cache_dir = Path(cfg.paths.cache_dir)
+    feature_key = feature_cache_key(spec, torch.nn.Sequential(preprocess, features),
+                                    dm.loader.image_source_id, dm.train.ids, cfg.paths.weights_dir)
     readout_key = stable_hash({
+        "features": stable_hash(feature_key),
+        "responses": hashlib.sha256(np.ascontiguousarray(dm.train.responses).tobytes()).hexdigest(),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "subject": dm.subject, "rois": {k: v.tolist() for k, v in dm.rois.items()},
         "train_ids": stable_hash(dm.train.ids.tolist()), "source": dm.loader.image_source_id,
@@ -134,7 +166,9 @@ def build_context(cfg: DictConfig, dm: BrainDataModule, store: RunStore, columns
 def build_probes(cfg: DictConfig) -> list[Probe]:
     probes = []
     for name, probe_cfg in (cfg.get("probe") or {}).items():
-        probe = build(probe_cfg, _convert_="all")
+        # force=true at the top redoes every probe of the run, not only the run's DONE marker.
+        overrides = {"force": True} if cfg.force else {}
+        probe = build(probe_cfg, _convert_="all", **overrides)
         if not isinstance(probe, Probe):
             raise ConfigError(f"probe.{name} does not build a brainrobust Probe (got {type(probe).__name__})")
         probes.append(probe)
@@ -149,6 +183,7 @@ def run(cfg: DictConfig) -> RunStore:
     spec: ModelSpec = build(cfg.model)
     if cfg.readout.method not in SOLVERS:
         raise ConfigError(f"unknown readout.method {cfg.readout.method!r}; valid: {sorted(SOLVERS)}")
+    dm: BrainDataModule = build(cfg.data, _convert_="all")
     columns = key_columns(cfg)
     store = ResultsStore(cfg.paths.results_dir).run(run_identity(cfg), columns)
     if cfg.dry_run:
@@ -160,7 +195,9 @@ def run(cfg: DictConfig) -> RunStore:
         return store
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    dm: BrainDataModule = build(cfg.data, _convert_="all")
+    # W&B's logger starts its run lazily, on the first log call below.
+    logger = build(cfg.logger) if cfg.get("logger") else False
+    trainer = build_trainer(cfg, callbacks=probes, logger=logger)
     dm.prepare_data()
     dm.setup()
 
@@ -168,12 +205,10 @@ def run(cfg: DictConfig) -> RunStore:
     context = build_context(cfg, dm, store, columns)
     for probe in probes:
         probe.bind(context)
-    logger = build(cfg.logger) if cfg.get("logger") else False
-    if logger:
-        logger.log_hyperparams({**columns, "run_key": store.key,
-                                "config": OmegaConf.to_container(cfg, resolve=True)})
     try:
-        trainer = build_trainer(cfg, callbacks=probes, logger=logger)
+        if logger:
+            logger.log_hyperparams({**columns, "run_key": store.key,
+                                    "config": OmegaConf.to_container(cfg, resolve=True)})
         trainer.test(encoder, dataloaders=dm.test_dataloader(), verbose=False)
     finally:
         # W&B runs must be closed in every job of a multirun, also when one fails.

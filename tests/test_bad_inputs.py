@@ -71,6 +71,9 @@ ROWS = [
     (["model=robust_resnet50_eps3"], WeightsError, "model.weights="),
     (["subject=2", "roi=RSC"], DataError, "RSC"),
     (["data=nsd", "data.root=/nonexistent/nsd"], DataError, "not found; set data.root="),
+    (["+probe.sensitivity.epsilon=0.1"], ConfigError, "cannot build brainrobust.probes.sensitivity"),
+    (["+data.subjct=2"], ConfigError, "cannot build brainrobust.data.datamodule"),
+    (["+trainer.devicez=1"], ConfigError, "trainer config"),
 ]
 
 

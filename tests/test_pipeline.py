@@ -128,3 +128,15 @@ def test_wandb_offline_writes_a_run_and_needs_no_network(make_cfg, tmp_path, mon
     data = next(runs[0].glob("*.wandb")).read_bytes()
     for key in (b"sensitivity/FFA/abs_s", b"test/r_FFA", b"sensitivity/records", b"run_key"):
         assert key in data, key
+
+
+def test_force_redoes_every_probe_of_a_finished_run(make_cfg, monkeypatch):
+    from brainrobust.probes.sensitivity import SensitivityProbe
+
+    store = run(make_cfg())
+    calls = []
+    real = SensitivityProbe.run
+    monkeypatch.setattr(SensitivityProbe, "run", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert run(make_cfg()).key == store.key and calls == []
+    again = run(make_cfg("force=true"))
+    assert again.key == store.key and calls == [1]

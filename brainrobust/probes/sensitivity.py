@@ -117,7 +117,8 @@ class SensitivityProbe(Probe):
             r_adv = encoder.roi_response(xe + result.delta, roi)
             random_effects = torch.stack([
                 (encoder.roi_response(xe + random_perturbation(
-                    xe, eps_e, self.attack.norm, generator, match_norm=result.norm), roi)
+                    xe, eps_e, self.attack.norm, generator, match_norm=result.norm,
+                    clamp=self.attack.clamp), roi)
                  - r_clean).abs()
                 for _ in range(self.random_draws)
             ])
