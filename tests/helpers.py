@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torch import Tensor, nn
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def isolated(root, tmp: Path) -> list[str]:
+    """Overrides that point a run at the test's twin and keep every file it writes under tmp."""
+    return [f"data.root={root}", f"paths.cache_dir={tmp / 'cache'}", f"paths.results_dir={tmp / 'results'}",
+            f"paths.log_dir={tmp / 'logs'}", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 class LinearEncoder(nn.Module):

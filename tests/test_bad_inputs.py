@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose_config, isolated
 from hydra.errors import ConfigCompositionException
 
 from brainrobust.errors import BrainRobustError, ConfigError, DataError, WeightsError
@@ -20,16 +20,11 @@ from brainrobust.models.backbones import TinyCNN
 from brainrobust.pipeline import run
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = str(REPO / "conf")
 
 
 def _compose(root, tmp, overrides):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=[
-            f"data.root={root}", f"paths.cache_dir={tmp / 'cache'}", f"paths.results_dir={tmp / 'results'}",
-            f"paths.log_dir={tmp / 'logs'}", "logger=none", "trainer.enable_progress_bar=false",
-            "attack.steps=3", "probe.sensitivity.max_images=2", "probe.sensitivity.random_draws=1",
-            *overrides])
+    return compose_config(*isolated(root, tmp), "attack.steps=3", "probe.sensitivity.max_images=2",
+                          "probe.sensitivity.random_draws=1", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +102,7 @@ def test_unknown_config_names_list_the_valid_ones(finished, override):
 
 def test_cli_prints_one_line_and_exits_non_zero(finished):
     root, tmp = finished
-    out = subprocess.run([sys.executable, "run.py", f"data.root={root}", f"paths.results_dir={tmp / 'results'}",
-                          f"paths.log_dir={tmp / 'logs'}", f"paths.cache_dir={tmp / 'cache'}", "attack.steps=0"],
+    out = subprocess.run([sys.executable, "run.py", *isolated(root, tmp), "attack.steps=0"],
                          cwd=REPO, check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]

@@ -11,12 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_config, isolated
 
 from brainrobust.pipeline import run
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = ["logger=none", "trainer.enable_progress_bar=false", "attack.steps=3",
+OVERRIDES = ["attack.steps=3",
              "probe.sensitivity.max_images=3", "probe.sensitivity.random_draws=1",
              "probe.sensitivity.batch_size=1"]
 
@@ -32,14 +32,8 @@ KILL_POINTS = {
 }
 
 
-def _paths(tmp: Path, root) -> list[str]:
-    return [f"data.root={root}", f"paths.cache_dir={tmp / 'cache'}", f"paths.results_dir={tmp / 'results'}",
-            f"paths.log_dir={tmp / 'logs'}"]
-
-
 def _run_in_process(tmp: Path, root):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return run(compose("config", overrides=[*_paths(tmp, root), *OVERRIDES]))
+    return run(compose_config(*isolated(root, tmp), *OVERRIDES))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +61,7 @@ def test_killed_run_resumes_to_identical_records(point, baseline, tmp_path, synt
         from hydra import compose, initialize_config_dir
         from brainrobust.pipeline import run
         with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base="1.3"):
-            run(compose("config", overrides={[*_paths(tmp_path, root), *OVERRIDES]!r}))
+            run(compose("config", overrides={[*isolated(root, tmp_path), *OVERRIDES]!r}))
     """)
     child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                            timeout=600, check=False)

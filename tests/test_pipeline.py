@@ -1,17 +1,14 @@
 """End to end on the synthetic twin: config -> data -> encoder -> probes -> results store."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_config, isolated
 
 import brainrobust.models.features as features_mod
 from brainrobust.models.readout import fit_ridge, pearson_r
 from brainrobust.pipeline import run, summary_table
 from brainrobust.results.store import load
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.fixture
@@ -19,12 +16,8 @@ def make_cfg(tmp_path, synthetic_root):
     root, _ = synthetic_root
 
     def _make(*overrides):
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            return compose("config", overrides=[
-                f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
-                f"paths.results_dir={tmp_path / 'results'}", f"paths.log_dir={tmp_path / 'logs'}",
-                "logger=none", "trainer.enable_progress_bar=false", "attack.steps=5",
-                "probe.sensitivity.max_images=6", "probe.sensitivity.random_draws=2", *overrides])
+        return compose_config(*isolated(root, tmp_path), "attack.steps=5", "probe.sensitivity.max_images=6",
+                              "probe.sensitivity.random_draws=2", *overrides)
     return _make
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_config, isolated
 
 import brainrobust.models.features as features_mod
 from brainrobust.pipeline import run
@@ -36,14 +36,9 @@ def sweep(tmp_path, synthetic_root, monkeypatch):
     def _run_all():
         stores = []
         for model, subject in itertools.product(["tiny_cnn_random", "resnet18_random"], [1, 2]):
-            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-                cfg = compose("config", overrides=[
-                    f"model={model}", f"subject={subject}", f"data.root={root}",
-                    f"paths.cache_dir={tmp_path / 'cache'}", f"paths.results_dir={tmp_path / 'results'}",
-                    f"paths.log_dir={tmp_path / 'logs'}", "logger=none", "trainer.enable_progress_bar=false",
-                    "model.input_size=64", "attack.steps=2", "probe.sensitivity.max_images=2",
-                    "probe.sensitivity.random_draws=1"])
-            stores.append(run(cfg))
+            stores.append(run(compose_config(
+                *isolated(root, tmp_path), f"model={model}", f"subject={subject}", "model.input_size=64",
+                "attack.steps=2", "probe.sensitivity.max_images=2", "probe.sensitivity.random_draws=1")))
         return stores
     return _run_all, calls, tmp_path / "results"
 
@@ -73,9 +68,7 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path, synthetic_root):
     root, _ = synthetic_root
     out = subprocess.run(
         [sys.executable, "run.py", "--multirun", "hydra/launcher=submitit_local", "subject=1,2",
-         f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.results_dir={tmp_path / 'results'}",
-         f"paths.log_dir={tmp_path / 'logs'}", "logger=none", "trainer.enable_progress_bar=false",
-         "attack.steps=2", "probe.sensitivity.max_images=2", "probe.sensitivity.random_draws=1",
+         *isolated(root, tmp_path), "attack.steps=2", "probe.sensitivity.max_images=2", "probe.sensitivity.random_draws=1",
          "hydra.launcher.timeout_min=10"],
         cwd=REPO, check=False, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
