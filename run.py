@@ -16,6 +16,8 @@ log = logging.getLogger("brainrobust")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from brainrobust.errors import BrainRobustError
     from brainrobust.pipeline import run, summary_table
 
@@ -26,7 +28,8 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    if cfg.dry_run:
+    # Other DDP ranks end here: rank 0 writes the records and reports them.
+    if cfg.dry_run or rank_zero_only.rank != 0:
         return
     if cfg.print_table:
         print(summary_table(store).to_string(index=False, float_format=lambda v: f"{v:.4f}"))

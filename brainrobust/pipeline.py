@@ -14,9 +14,12 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from brainrobust.data.datamodule import BrainDataModule
@@ -91,19 +94,55 @@ def check_subject(cfg: DictConfig) -> None:
         raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
 
 
+def multirun_job() -> int | None:
+    """This job's number within a Hydra --multirun, or None outside one."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return int(HydraConfig.get().job.num)
+    return None
+
+
+def pinned_devices(kwargs: dict[str, Any], job: int | None, gpus: int) -> Any:
+    """trainer.devices, with a single-GPU job of a local multirun pinned to GPU job % gpus.
+
+    Without it every joblib job of a sweep would land on GPU 0. Under SLURM each job sees only its
+    own GPU (gpus = 1), so the pin is a no-op there.
+    """
+    devices = kwargs.get("devices", "auto")
+    gpu = str(kwargs.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    if job is None or not gpu or devices not in (1, "1") or gpus < 1:
+        return devices
+    return [job % gpus]
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, logger: Any = False) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs.get("inference_mode", False):
         raise ConfigError("trainer.inference_mode must be false: probes need gradients")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    kwargs["devices"] = pinned_devices(kwargs, multirun_job(), gpus)
     try:
-        return L.Trainer(callbacks=callbacks or [], logger=logger, **kwargs)
+        trainer = L.Trainer(callbacks=callbacks or [], logger=logger, **kwargs)
     except (TypeError, ValueError, MisconfigurationException) as err:
         reason = str(err).splitlines()[0]
         raise ConfigError(f"trainer config: {reason}; see conf/trainer/default.yaml") from None
+    if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and multirun_job() is not None:
+        # Lightning would relaunch this script's command line, --multirun and all, per rank.
+        raise ConfigError(
+            "DDP (trainer.devices > 1) cannot start its ranks inside a local --multirun; run "
+            "multi-GPU jobs one at a time (python run.py trainer=ddp ...), under torchrun, or on "
+            "SLURM with hydra/launcher=slurm_ddp, or sweep single-GPU jobs")
+    return trainer
 
 
-def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule) -> BrainEncoder:
-    """Backbone + cached features + ridge readout (fit once, then loaded from the cache)."""
+def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
+                  device: torch.device | None = None) -> BrainEncoder:
+    """Backbone + cached features + ridge readout (fit once, then loaded from the cache).
+
+    `device` is where this process computes (its trainer's root device; a DDP rank's own GPU);
+    None picks a GPU when there is one.
+    """
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preprocess, features = build_feature_model(spec, weights_dir=cfg.paths.weights_dir)
 
     cache_dir = Path(cfg.paths.cache_dir)
@@ -129,12 +168,12 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule) -> Brai
         x_train = extract_features(
             spec, torch.nn.Sequential(preprocess, features), images=dm.images("train"), ids=dm.train.ids,
             image_source_id=dm.loader.image_source_id, cache_dir=cache_dir / "features",
-            batch_size=dm.batch_size, weights_dir=cfg.paths.weights_dir)
-        device = cfg.readout.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            batch_size=dm.batch_size, weights_dir=cfg.paths.weights_dir,
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=[device.index or 0] if device.type == "cuda" else 1)
+        fit_device = device if cfg.readout.device == "auto" else cfg.readout.device
         fit = fit_ridge(x_train, dm.train.responses, alphas=list(cfg.readout.alphas),
-                        method=cfg.readout.method, cv=cfg.readout.cv, device=device)
+                        method=cfg.readout.method, cv=cfg.readout.cv, device=fit_device)
         readout = LinearReadout.from_fit(fit)
         readout.save(readout_path, {
             "key": readout_key, "model": spec.name, "layer": spec.layer, "subject": dm.subject,
@@ -201,7 +240,10 @@ def run(cfg: DictConfig) -> RunStore:
     dm.prepare_data()
     dm.setup()
 
-    encoder = build_encoder(cfg, spec, dm)
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    encoder = build_encoder(cfg, spec, dm, device)
     context = build_context(cfg, dm, store, columns)
     for probe in probes:
         probe.bind(context)
@@ -215,9 +257,11 @@ def run(cfg: DictConfig) -> RunStore:
         experiment = getattr(logger, "_experiment", None)
         if experiment is not None and hasattr(experiment, "finish"):
             experiment.finish()
-    if not store.has_records("predictivity") or cfg.force:
-        store.write_records("predictivity", encoder.predictivity)
-    store.mark_complete()
+    # Under DDP every rank computed the same predictivity; rank 0 alone writes.
+    if trainer.is_global_zero:
+        if not store.has_records("predictivity") or cfg.force:
+            store.write_records("predictivity", encoder.predictivity)
+        store.mark_complete()
     return store
 
 

@@ -86,7 +86,8 @@ class BrainEncoder(L.LightningModule):
                                                self.roi_noise_ceiling)
         roi_rows = self.predictivity[self.predictivity.metric == "r_roi_mean"]
         for row in roi_rows.itertuples():
-            self.log(f"test/r_{row.roi}", float(row.value))
+            # Every DDP rank sees the whole test split (no distributed sampler): no sync needed.
+            self.log(f"test/r_{row.roi}", float(row.value), rank_zero_only=True)
 
 
 def predictivity_table(

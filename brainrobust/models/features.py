@@ -198,6 +198,7 @@ def _predict(
     n_images: int,
     batch_size: int,
     accelerator: str,
+    devices: int | list[int],
     progress_bar: bool,
 ) -> np.ndarray:
     sampler = BatchSampler(
@@ -207,7 +208,7 @@ def _predict(
     loader = DataLoader(_Batches(images), sampler=sampler, batch_size=None, num_workers=0)
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=devices,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -233,6 +234,7 @@ def extract_features(
     cache_dir: str | os.PathLike,
     batch_size: int = 64,
     accelerator: str = "auto",
+    devices: int | list[int] = 1,
     weights_dir: str | os.PathLike | None = None,
     progress_bar: bool = True,
 ) -> np.ndarray:
@@ -253,8 +255,9 @@ def extract_features(
         Names the image set (e.g. "nsd-224" or the synthetic twin's hash); part of the key.
     cache_dir
         Root of the feature cache.
-    batch_size, accelerator, progress_bar
-        Passed to the DataLoader / Trainer ("auto" uses a GPU when present).
+    batch_size, accelerator, devices, progress_bar
+        Passed to the DataLoader / Trainer ("auto" uses a GPU when present; devices=[i] picks
+        GPU i, e.g. a DDP rank's own).
     weights_dir
         Where the weights were resolved from (for the weights identity in the key).
     """
@@ -268,7 +271,8 @@ def extract_features(
             return _load_entry(npy, sidecar, digest, len(ids))
         except CacheError as err:
             log.warning("feature cache entry %s unusable (%s); rebuilding it", npy, err)
-    features = _predict(layer_module, images, len(ids), batch_size, accelerator, progress_bar)
+    features = _predict(layer_module, images, len(ids), batch_size, accelerator, devices,
+                        progress_bar)
     if features.shape[0] != len(ids):
         raise DataError(f"got features for {features.shape[0]} images, expected {len(ids)}")
     _save_entry(npy, sidecar, key, digest, features)

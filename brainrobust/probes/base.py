@@ -4,19 +4,25 @@
 then runs in `on_test_end`, writes its long-format records through the results store and logs a
 few summary scalars to the active logger. Probes share only the encoder interface and the context:
 they never import each other.
+
+Under DDP (trainer.devices > 1), a probe whose work is independent per test image (it declares
+`image_axes`) runs on a contiguous shard of the images in every rank; rank 0 gathers the shards'
+records and arrays, merges them in image order and writes them. Other probes run on rank 0 alone
+while the other ranks wait. Only rank 0 writes to the results store.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, TypeVar
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from brainrobust.errors import BrainRobustError, ConfigError
 from brainrobust.results.store import RunStore
@@ -24,6 +30,8 @@ from brainrobust.results.store import RunStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Seeds of DDP ranks are this far apart, so shards never share random draws; rank 0 keeps the run's.
+RANK_SEED_STRIDE = 1_000_003
 
 
 def adaptive_chunks(n: int, batch_size: int, work: Callable[[int, int], T]) -> list[T]:
@@ -51,6 +59,59 @@ def adaptive_chunks(n: int, batch_size: int, work: Callable[[int, int], T]) -> l
     return out
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The contiguous block of the selected test images that one DDP rank works on."""
+
+    rank: int = 0
+    world: int = 1
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        edges = np.linspace(0, n, self.world + 1).round().astype(int)
+        return int(edges[self.rank]), int(edges[self.rank + 1])
+
+
+class ShardArrays:
+    """Stands in for the RunStore inside one rank's shard: arrays are held for rank 0 to merge.
+
+    Reads (the run's directory, identity, other runs) pass through to the real store.
+    """
+
+    def __init__(self, store: RunStore):
+        self._store = store
+        self.saved: dict[str, dict[str, np.ndarray]] = {}
+
+    def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray]) -> None:
+        self.saved[name] = dict(arr) if isinstance(arr, Mapping) else {"data": arr}
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._store, attr)
+
+
+def merge_shards(parts: list[tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]],
+                 image_axes: dict[str, int]) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """Records and arrays of the ranks' shards, in rank (= image) order, as one run would write.
+
+    Array entries named in `image_axes` are concatenated along that axis; every other entry must
+    be the same in every shard (e.g. the eps ladder), or the merge would silently drop data.
+    """
+    records = pd.concat([p[0] for p in parts], ignore_index=True)
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    for name in parts[0][1]:
+        merged = {}
+        for key in parts[0][1][name]:
+            values = [np.asarray(p[1][name][key]) for p in parts]
+            if key in image_axes:
+                merged[key] = np.concatenate(values, axis=image_axes[key])
+            elif all(np.array_equal(values[0], v, equal_nan=v.dtype.kind == "f") for v in values[1:]):
+                merged[key] = values[0]
+            else:
+                raise RuntimeError(f"array {name}/{key} differs between DDP shards but is not "
+                                   f"declared per image (image_axes); cannot merge it")
+        arrays[name] = merged
+    return records, arrays
+
+
 @dataclass
 class ProbeContext:
     """What every probe may read: the test split, its statistics and where to write."""
@@ -64,11 +125,12 @@ class ProbeContext:
     store: RunStore
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    shard: Shard = field(default_factory=Shard)
 
     def generator(self, offset: int = 0) -> torch.Generator:
-        """A generator seeded from the run seed, on the device the probe computes on."""
+        """A generator seeded from the run seed (and DDP rank), on the probe's device."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed + offset)
+        gen.manual_seed(self.seed + offset + RANK_SEED_STRIDE * self.shard.rank)
         return gen
 
 
@@ -78,6 +140,10 @@ class Probe(L.Callback):
     name: str = "probe"
     # Rows of the per-image table sent to W&B; the full records are always in the store.
     table_rows: int = 20_000
+    # Set by probes whose records and arrays are per test image, so DDP ranks can split the
+    # images: the image axis of each per-image array entry (e.g. {"image_id": 0, "delta": 1}).
+    # None: the probe needs all images at once (selection, MEIs) and runs on rank 0 alone.
+    image_axes: ClassVar[dict[str, int] | None] = None
 
     def __init__(self, rois: list[str] | None = None, max_images: int | None = None,
                  force: bool = False):
@@ -99,10 +165,13 @@ class Probe(L.Callback):
     def selected_rois(self) -> list[str]:
         return self.rois or self.context.rois
 
-    def selected_images(self, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
-        ctx = self.context
-        n = len(ctx.image_ids) if self.max_images is None else min(self.max_images, len(ctx.image_ids))
-        return ctx.images[:n].to(device), ctx.image_ids[:n]
+    def n_selected(self, ctx: ProbeContext) -> int:
+        return len(ctx.image_ids) if self.max_images is None else min(self.max_images, len(ctx.image_ids))
+
+    def selected_images(self, ctx: ProbeContext) -> tuple[torch.Tensor, np.ndarray]:
+        """This probe's test images (max_images, then this rank's shard), on ctx.device."""
+        start, stop = ctx.shard.bounds(self.n_selected(ctx))
+        return ctx.images[start:stop].to(ctx.device), ctx.image_ids[start:stop]
 
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
         raise NotImplementedError
@@ -118,17 +187,49 @@ class Probe(L.Callback):
         ctx = self.context
         if ctx is None:
             raise RuntimeError(f"probe {self.name} was not bound to a context before trainer.test")
-        if ctx.store.has_records(self.name) and not self.force:
+        # Every rank must take the same branch; rank 0's view of the store decides.
+        if trainer.strategy.broadcast(ctx.store.has_records(self.name) and not self.force):
             log.info("probe %s: records exist in %s, skipped", self.name, ctx.store.dir)
             return
         if torch.is_inference_mode_enabled():
             raise RuntimeError("probes need gradients: build the Trainer with inference_mode=False")
         ctx.device = pl_module.device
         pl_module.eval()
+        world, rank = trainer.world_size, trainer.global_rank
+        if world == 1:
+            self._write(trainer, ctx.store, self._run(pl_module, ctx))
+        elif self.image_axes is None:
+            if rank == 0:
+                self._write(trainer, ctx.store, self._run(pl_module, ctx))
+            trainer.strategy.barrier(f"probe {self.name}")
+        else:
+            self._run_sharded(trainer, pl_module, ctx, Shard(rank, world))
+
+    def _run(self, encoder: L.LightningModule, ctx: ProbeContext) -> pd.DataFrame:
         # Lightning runs the test loop under no_grad; attacks and Jacobians need autograd.
         with torch.enable_grad():
-            records = self.run(pl_module, ctx)
-        path = ctx.store.write_records(self.name, records)
+            return self.run(encoder, ctx)
+
+    def _run_sharded(self, trainer: L.Trainer, encoder: L.LightningModule, ctx: ProbeContext,
+                     shard: Shard) -> None:
+        start, stop = shard.bounds(self.n_selected(ctx))
+        log.info("probe %s: rank %d of %d takes images [%d, %d)", self.name, shard.rank, shard.world,
+                 start, stop)
+        part = None
+        if stop > start:  # more ranks than images leaves some ranks without a shard
+            arrays = ShardArrays(ctx.store)
+            records = self._run(encoder, replace(ctx, shard=shard, store=arrays))
+            part = (records, arrays.saved)
+        parts = [None] * shard.world if shard.rank == 0 else None
+        dist.gather_object(part, parts, dst=0)
+        if shard.rank == 0:
+            records, arrays = merge_shards([p for p in parts if p is not None], self.image_axes)
+            for name, arr in arrays.items():
+                ctx.store.save_array(name, arr)
+            self._write(trainer, ctx.store, records)
+
+    def _write(self, trainer: L.Trainer, store: RunStore, records: pd.DataFrame) -> None:
+        path = store.write_records(self.name, records)
         log.info("probe %s: %d records -> %s", self.name, len(records), path)
         for lg in trainer.loggers:
             lg.log_metrics(self.summary(records))

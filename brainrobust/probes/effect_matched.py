@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ MAX_ROUNDS = 200
 
 class EffectMatchedProbe(Probe):
     name = "effect_matched"
+    image_axes: ClassVar[dict[str, int]] = {"image_id": 0, "delta": 1, "eps": 0}
 
     def __init__(
         self,
@@ -86,7 +87,7 @@ class EffectMatchedProbe(Probe):
         return target
 
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        images, ids = self.selected_images(ctx.device)
+        images, ids = self.selected_images(ctx)
         generator = ctx.generator()
         frames = []
         for roi in self.selected_rois():

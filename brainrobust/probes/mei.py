@@ -281,7 +281,7 @@ class MEIProbe(Probe):
         return x, start_ids, "file" if files else "image"
 
     def run(self, encoder: nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        images, ids = self.selected_images(ctx.device)
+        images, ids = self.selected_images(ctx)
         all_rois = list(ctx.rois)
         size = int(encoder.input_size)
         # Test-set predictions calibrate the MEI responses: z = (r - mean) / sd over test images.

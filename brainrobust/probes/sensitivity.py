@@ -9,7 +9,7 @@ negative control: random perturbations of the same achieved norm.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ METRICS = ("r_clean", "r_adv", "s", "abs_s", "s_sd", "s_nc", "norm", "steps_used
 
 class SensitivityProbe(Probe):
     name = "sensitivity"
+    image_axes: ClassVar[dict[str, int]] = {"image_id": 0, "delta": 1}
 
     def __init__(
         self,
@@ -67,7 +68,7 @@ class SensitivityProbe(Probe):
         self.save_perturbations = save_perturbations
 
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        images, ids = self.selected_images(ctx.device)
+        images, ids = self.selected_images(ctx)
         generator = ctx.generator()
         frames = []
         for roi in self.selected_rois():

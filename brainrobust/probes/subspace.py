@@ -23,7 +23,7 @@ recomputing. At 224 x 224 with k = 10 that is 3 MB per image and ROI: cap max_im
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -58,6 +58,7 @@ class SubspaceProbe(Probe):
     """
 
     name = "subspace"
+    image_axes: ClassVar[dict[str, int]] = {"image_id": 0, "P": 0, "sigma": 0}
 
     def __init__(
         self,
@@ -110,7 +111,7 @@ class SubspaceProbe(Probe):
         return targets
 
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        images, ids = self.selected_images(ctx.device)
+        images, ids = self.selected_images(ctx)
         generator = ctx.generator()
         frames = []
         for name, (idx, size) in self.targets(encoder).items():

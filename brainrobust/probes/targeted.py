@@ -142,7 +142,7 @@ class TargetedProbe(Probe):
         return torch.stack(deltas)
 
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        test_images, test_ids = self.selected_images(ctx.device)
+        test_images, test_ids = self.selected_images(ctx)
         x0, ids, files = self.images.resolve(
             encoder,
             test_images,

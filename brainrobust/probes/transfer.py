@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -60,6 +60,7 @@ KINDS = {
 
 class TransferProbe(Probe):
     name = "transfer"
+    image_axes: ClassVar[dict[str, int]] = {}
 
     def __init__(
         self,
@@ -94,7 +95,7 @@ class TransferProbe(Probe):
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
         # The store root holding this run: <root>/runs/<key>.
         root = Path(self.results_dir) if self.results_dir else ctx.store.dir.parent.parent
-        images, ids = self.selected_images(ctx.device)
+        images, ids = self.selected_images(ctx)
         stimuli = _stimulus_signature(ctx.store.identity)
         generator = ctx.generator(offset=1)
         frames = []

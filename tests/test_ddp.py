@@ -1,0 +1,176 @@
+"""Multi-process (DDP) jobs: the probes split the test images between ranks, rank 0 writes.
+
+Two CPU ranks over gloo stand in for GPUs, through both ways ranks start in practice: Lightning
+relaunching `run.py` itself, and an external launcher (SLURM's srun, simulated by its environment
+variables) starting one process per rank.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import compose_config, isolated
+
+from brainrobust.errors import ConfigError
+from brainrobust.pipeline import build_trainer, pinned_devices, run
+from brainrobust.probes.base import Shard, merge_shards
+from brainrobust.results.store import ResultsStore
+
+REPO = Path(__file__).resolve().parents[1]
+# Deterministic attacks (no random start), so one process and two ranks must agree image by image.
+PROBES = [
+    "probe=[sensitivity,subspace,effect_matched,targeted]", "roi=[FFA,PPA]",
+    "attack.random_start=false", "probe.sensitivity.max_images=9", "probe.sensitivity.random_draws=1",
+    "probe.subspace.max_images=3", "probe.subspace.k=3", "probe.subspace.method=exact",
+    "probe.effect_matched.max_images=3", "attack.steps=5",
+    "probe.targeted.images.n=2", "probe.targeted.attack.steps=4", "probe.targeted.eps_schedule=[0.5,1.0]",
+    "probe.targeted.save_media=false",
+]
+DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+def test_shards_cover_the_images_once_in_order():
+    for n in (1, 2, 7, 10):
+        for world in (1, 2, 3, 4):
+            blocks = [Shard(rank, world).bounds(n) for rank in range(world)]
+            covered = np.concatenate([np.arange(a, b) for a, b in blocks])
+            assert covered.tolist() == list(range(n))
+
+
+def test_merge_concatenates_per_image_entries_and_keeps_shared_ones():
+    parts = [
+        (pd.DataFrame({"metric": ["s"], "value": [1.0]}),
+         {"pert": {"delta": np.zeros((3, 2, 4)), "image_id": np.array([5, 6]), "eps": np.array([0.1, 0.2, 0.3])}}),
+        (pd.DataFrame({"metric": ["s"], "value": [2.0]}),
+         {"pert": {"delta": np.ones((3, 1, 4)), "image_id": np.array([7]), "eps": np.array([0.1, 0.2, 0.3])}}),
+    ]
+    records, arrays = merge_shards(parts, {"delta": 1, "image_id": 0})
+    assert records["value"].tolist() == [1.0, 2.0]
+    assert arrays["pert"]["delta"].shape == (3, 3, 4)
+    assert arrays["pert"]["delta"][:, 2].sum() == 12
+    assert arrays["pert"]["image_id"].tolist() == [5, 6, 7]
+    assert arrays["pert"]["eps"].tolist() == [0.1, 0.2, 0.3]
+
+    parts[1][1]["pert"]["eps"] = np.array([0.1, 0.2, 0.4])
+    with pytest.raises(RuntimeError, match="eps differs between DDP shards"):
+        merge_shards(parts, {"delta": 1, "image_id": 0})
+
+
+def test_ddp_inside_a_local_multirun_is_refused_in_one_line(monkeypatch):
+    from brainrobust import pipeline
+
+    monkeypatch.setattr(pipeline, "multirun_job", lambda: 3)
+    cfg = compose_config(*DDP, "logger=none")
+    with pytest.raises(ConfigError, match="cannot start its ranks inside a local --multirun"):
+        build_trainer(cfg)
+
+
+def test_single_gpu_jobs_of_a_local_multirun_spread_over_the_gpus():
+    one_gpu = {"accelerator": "auto", "devices": 1}
+    assert [pinned_devices(one_gpu, job, gpus=4) for job in range(6)] == [[0], [1], [2], [3], [0], [1]]
+    assert pinned_devices(one_gpu, 5, gpus=1) == [0]  # SLURM: each job sees only its own GPU
+    assert pinned_devices(one_gpu, None, gpus=4) == 1  # a single run keeps Lightning's choice
+    assert pinned_devices(one_gpu, 2, gpus=0) == 1  # CPU
+    assert pinned_devices({"accelerator": "cpu", "devices": 1}, 2, gpus=4) == 1
+    assert pinned_devices({"accelerator": "gpu", "devices": 4}, 2, gpus=8) == 4  # DDP jobs: ranks choose
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"))}
+
+
+def _run_py(overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run.py", *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _only_run(results: Path):
+    store = ResultsStore(results)
+    (entry,) = store.runs()
+    run_store = store.open(entry)
+    assert run_store.is_complete()
+    return run_store
+
+
+def _records(store, probe: str) -> pd.DataFrame:
+    """A probe's records in a fixed row order, without the run key (which names the trainer)."""
+    df = store.read_records(probe).drop(columns=["run_key"])
+    keys = [c for c in ("roi", "image_id", "eps", "metric") if c in df.columns]
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, synthetic_root):
+    """The same job in one process, with Lightning starting 2 ranks, and with 2 'srun' ranks."""
+    root, _ = synthetic_root
+    tmp = tmp_path_factory.mktemp("ddp")
+    base = isolated(root, tmp) + PROBES
+    single = run(compose_config(*base, f"paths.results_dir={tmp / 'single'}"))
+
+    lightning = _run_py(base + DDP + [f"paths.results_dir={tmp / 'lightning'}"], _clean_env())
+    out = _finish(lightning)
+    port = str(_free_port())
+    srun = []
+    for rank in (0, 1):
+        env = _clean_env() | {
+            "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "brainrobust", "SLURM_NODELIST": "localhost", "MASTER_PORT": port}
+        srun.append(_run_py(base + DDP + [f"paths.results_dir={tmp / 'srun'}"], env))
+    srun_out = [_finish(p) for p in srun]
+    return {"single": single, "lightning": _only_run(tmp / "lightning"), "srun": _only_run(tmp / "srun"),
+            "out": out, "srun_out": srun_out}
+
+
+def test_two_ranks_write_one_run_that_matches_one_process(ddp_runs):
+    single, ddp = ddp_runs["single"], ddp_runs["lightning"]
+    # Rank 0 alone printed the summary table; each rank attacked its own half of the images.
+    assert ddp_runs["out"].count("records:") == 1
+    assert "sensitivity: rank 0 of 2 takes images [0, 4)" in ddp_runs["out"]
+    assert "sensitivity: rank 1 of 2 takes images [4, 9)" in ddp_runs["out"]
+    assert sorted(p.name for p in ddp.records_dir.iterdir()) == sorted(
+        p.name for p in single.records_dir.iterdir())
+
+    pd.testing.assert_frame_equal(_records(ddp, "predictivity"), _records(single, "predictivity"))
+    for probe, metrics in (("sensitivity", ["r_clean", "r_adv", "s", "norm"]),
+                           ("effect_matched", ["eps_found", "reached"]),
+                           ("subspace", ["sigma_1", "sigma_2", "sigma_3"])):
+        a, b = _records(ddp, probe), _records(single, probe)
+        assert len(a) == len(b) and a["image_id"].tolist() == b["image_id"].tolist(), probe
+        a, b = a[a.metric.isin(metrics)], b[b.metric.isin(metrics)]
+        np.testing.assert_allclose(a["value"], b["value"], rtol=2e-3, atol=1e-5, err_msg=probe)
+    # Targeted needs every image at once: rank 0 ran it whole, exactly as one process does.
+    pd.testing.assert_frame_equal(_records(ddp, "targeted"), _records(single, "targeted"))
+
+    for name, axis in (("perturbations_FFA_l2", 1), ("subspace_PPA", 0)):
+        merged, whole = ddp.load_array(name), single.load_array(name)
+        assert merged["image_id"].tolist() == whole["image_id"].tolist()
+        key = "delta" if "delta" in whole else "P"
+        assert merged[key].shape == whole[key].shape
+        assert merged[key].shape[axis] == len(whole["image_id"])
+
+
+def test_srun_ranks_give_the_same_records_as_lightning_ranks(ddp_runs):
+    assert sum(out.count("records:") for out in ddp_runs["srun_out"]) == 1
+    lightning, srun = ddp_runs["lightning"], ddp_runs["srun"]
+    assert srun.key == lightning.key
+    for probe in ("predictivity", "sensitivity", "effect_matched", "subspace", "targeted"):
+        pd.testing.assert_frame_equal(_records(srun, probe), _records(lightning, probe))
