@@ -125,7 +125,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, lo
     except (TypeError, ValueError, MisconfigurationException) as err:
         reason = str(err).splitlines()[0]
         raise ConfigError(f"trainer config: {reason}; see conf/trainer/default.yaml") from None
-    if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and multirun_job() is not None:
+    relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
+    if relaunches and multirun_job() is not None:
         # Lightning would relaunch this script's command line, --multirun and all, per rank.
         raise ConfigError(
             "DDP (trainer.devices > 1) cannot start its ranks inside a local --multirun; run "
@@ -139,10 +140,11 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
     """Backbone + cached features + ridge readout (fit once, then loaded from the cache).
 
     `device` is where this process computes (its trainer's root device; a DDP rank's own GPU);
-    None picks a GPU when there is one.
+    None picks a GPU when there is one. Anything but CUDA means CPU here: the ridge fit needs
+    float64, which Apple's MPS lacks.
     """
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None or device.type != "cuda":
+        device = torch.device("cuda" if device is None and torch.cuda.is_available() else "cpu")
     preprocess, features = build_feature_model(spec, weights_dir=cfg.paths.weights_dir)
 
     cache_dir = Path(cfg.paths.cache_dir)

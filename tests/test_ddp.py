@@ -23,13 +23,14 @@ from brainrobust.results.store import ResultsStore
 
 REPO = Path(__file__).resolve().parents[1]
 # Deterministic attacks (no random start), so one process and two ranks must agree image by image.
+ATTACK = ["roi=[FFA,PPA]", "attack.random_start=false", "attack.steps=5"]
 PROBES = [
-    "probe=[sensitivity,subspace,effect_matched,targeted]", "roi=[FFA,PPA]",
-    "attack.random_start=false", "probe.sensitivity.max_images=9", "probe.sensitivity.random_draws=1",
+    "probe=[sensitivity,subspace,effect_matched,targeted,transfer]",
+    "probe.sensitivity.max_images=9", "probe.sensitivity.random_draws=1",
     "probe.subspace.max_images=3", "probe.subspace.k=3", "probe.subspace.method=exact",
-    "probe.effect_matched.max_images=3", "attack.steps=5",
+    "probe.effect_matched.max_images=3",
     "probe.targeted.images.n=2", "probe.targeted.attack.steps=4", "probe.targeted.eps_schedule=[0.5,1.0]",
-    "probe.targeted.save_media=false",
+    "probe.targeted.save_media=false", "probe.transfer.max_images=9", "probe.transfer.random_draws=1",
 ]
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 
@@ -119,25 +120,37 @@ def _records(store, probe: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory, synthetic_root):
-    """The same job in one process, with Lightning starting 2 ranks, and with 2 'srun' ranks."""
+    """The same job in one process, with Lightning starting 2 ranks, and with 2 'srun' ranks.
+
+    Its transfer probe applies a source run's perturbations of the first 4 images only: rank 1's
+    shard shares none of them and must contribute nothing rather than fail.
+    """
     root, _ = synthetic_root
     tmp = tmp_path_factory.mktemp("ddp")
-    base = isolated(root, tmp) + PROBES
+    base = isolated(root, tmp) + ATTACK
+    run(compose_config(*base, f"paths.results_dir={tmp / 'source'}", "probe=[sensitivity]",
+                       "probe.sensitivity.max_images=4"))
+    base += [*PROBES, f"probe.transfer.results_dir={tmp / 'source'}"]
     single = run(compose_config(*base, f"paths.results_dir={tmp / 'single'}"))
 
     lightning = _run_py(base + DDP + [f"paths.results_dir={tmp / 'lightning'}"], _clean_env())
     out = _finish(lightning)
+    srun_out = [_finish(p) for p in _srun(base + DDP + [f"paths.results_dir={tmp / 'srun'}"])]
+    return {"single": single, "lightning": _only_run(tmp / "lightning"), "srun": _only_run(tmp / "srun"),
+            "out": out, "srun_out": srun_out, "isolated": isolated(root, tmp), "tmp": tmp}
+
+
+def _srun(argv: list[str]) -> list[subprocess.Popen]:
+    """Two ranks started the way SLURM's srun starts them: one process each, ranks in the env."""
     port = str(_free_port())
-    srun = []
+    procs = []
     for rank in (0, 1):
         env = _clean_env() | {
             "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank),
             "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
             "SLURM_JOB_NAME": "brainrobust", "SLURM_NODELIST": "localhost", "MASTER_PORT": port}
-        srun.append(_run_py(base + DDP + [f"paths.results_dir={tmp / 'srun'}"], env))
-    srun_out = [_finish(p) for p in srun]
-    return {"single": single, "lightning": _only_run(tmp / "lightning"), "srun": _only_run(tmp / "srun"),
-            "out": out, "srun_out": srun_out}
+        procs.append(_run_py(argv, env))
+    return procs
 
 
 def test_two_ranks_write_one_run_that_matches_one_process(ddp_runs):
@@ -152,6 +165,7 @@ def test_two_ranks_write_one_run_that_matches_one_process(ddp_runs):
     pd.testing.assert_frame_equal(_records(ddp, "predictivity"), _records(single, "predictivity"))
     for probe, metrics in (("sensitivity", ["r_clean", "r_adv", "s", "norm"]),
                            ("effect_matched", ["eps_found", "reached"]),
+                           ("transfer", ["target_change", "source_change", "ratio", "delta_norm"]),
                            ("subspace", ["sigma_1", "sigma_2", "sigma_3"])):
         a, b = _records(ddp, probe), _records(single, probe)
         assert len(a) == len(b) and a["image_id"].tolist() == b["image_id"].tolist(), probe
@@ -172,5 +186,18 @@ def test_srun_ranks_give_the_same_records_as_lightning_ranks(ddp_runs):
     assert sum(out.count("records:") for out in ddp_runs["srun_out"]) == 1
     lightning, srun = ddp_runs["lightning"], ddp_runs["srun"]
     assert srun.key == lightning.key
-    for probe in ("predictivity", "sensitivity", "effect_matched", "subspace", "targeted"):
+    for probe in ("predictivity", "sensitivity", "effect_matched", "subspace", "targeted", "transfer"):
         pd.testing.assert_frame_equal(_records(srun, probe), _records(lightning, probe))
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_its_line(ddp_runs):
+    """Targeted runs on rank 0 alone; its missing start image must not leave rank 1 waiting."""
+    tmp = ddp_runs["tmp"]
+    argv = ddp_runs["isolated"] + ATTACK + DDP + [
+        f"paths.results_dir={tmp / 'failing'}", "probe=[targeted]", "probe.targeted.save_media=false",
+        "~probe.targeted.images", f"+probe.targeted.images=[{tmp / 'missing.png'}]"]
+    procs = _srun(argv)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert "error: image file" in outs[0] and "missing.png not found" in outs[0]
+    assert "error: probe targeted failed on rank 0: image file" in outs[1]

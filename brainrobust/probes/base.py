@@ -14,8 +14,10 @@ while the other ranks wait. Only rank 0 writes to the results store.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any, ClassVar, TypeVar
 
 import lightning as L
@@ -24,7 +26,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from brainrobust.errors import BrainRobustError, ConfigError
+from brainrobust.errors import BrainRobustError, ConfigError, DataError
 from brainrobust.results.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Seeds of DDP ranks are this far apart, so shards never share random draws; rank 0 keeps the run's.
 RANK_SEED_STRIDE = 1_000_003
+# How long the other ranks wait for rank 0 (a rank-0-only probe, the merge): a SLURM job's
+# default time limit here (conf/hydra/launcher), far above the 30 min of the default group.
+RANK_WAIT = timedelta(hours=4)
 
 
 def adaptive_chunks(n: int, batch_size: int, work: Callable[[int, int], T]) -> list[T]:
@@ -95,7 +100,8 @@ def merge_shards(parts: list[tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]
     Array entries named in `image_axes` are concatenated along that axis; every other entry must
     be the same in every shard (e.g. the eps ladder), or the merge would silently drop data.
     """
-    records = pd.concat([p[0] for p in parts], ignore_index=True)
+    # A shard can hold no rows (e.g. transfer sources sharing no image with it).
+    records = pd.concat([p[0] for p in parts if len(p[0])], ignore_index=True)
     arrays: dict[str, dict[str, np.ndarray]] = {}
     for name in parts[0][1]:
         merged = {}
@@ -110,6 +116,26 @@ def merge_shards(parts: list[tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]
                                    f"declared per image (image_axes); cannot merge it")
         arrays[name] = merged
     return records, arrays
+
+
+@contextmanager
+def host_group() -> Iterator[dist.ProcessGroup]:
+    """A gloo group over all ranks for the probes' own exchanges.
+
+    Shards travel through host memory (an NCCL gather would stage every shard on rank 0's GPU at
+    the end of the run), and its timeout lets the ranks wait out a long rank-0-only probe.
+    """
+    group = dist.new_group(backend="gloo", timeout=RANK_WAIT)
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
+
+
+def first_line(err: BaseException | None) -> str | None:
+    if err is None:
+        return None
+    return (str(err).splitlines() or [""])[0] or type(err).__name__
 
 
 @dataclass
@@ -198,35 +224,79 @@ class Probe(L.Callback):
         world, rank = trainer.world_size, trainer.global_rank
         if world == 1:
             self._write(trainer, ctx.store, self._run(pl_module, ctx))
-        elif self.image_axes is None:
-            if rank == 0:
-                self._write(trainer, ctx.store, self._run(pl_module, ctx))
-            trainer.strategy.barrier(f"probe {self.name}")
-        else:
-            self._run_sharded(trainer, pl_module, ctx, Shard(rank, world))
+            return
+        # Every rank ends each probe in the same exchange, which carries any rank's error to
+        # all: no rank is left waiting on one that failed.
+        with host_group() as group:
+            if self.image_axes is None:
+                error = None
+                if rank == 0:
+                    error = self._attempt(lambda: self._write(trainer, ctx.store, self._run(pl_module, ctx)))
+                failure = self._share(group, (0, first_line(error)) if error else None)
+            else:
+                error, failure = self._run_sharded(trainer, pl_module, ctx, Shard(rank, world), group)
+        if failure is not None:
+            if error is not None:
+                raise error
+            failed_rank, message = failure
+            raise BrainRobustError(f"probe {self.name} failed on rank {failed_rank}: {message}")
 
     def _run(self, encoder: L.LightningModule, ctx: ProbeContext) -> pd.DataFrame:
         # Lightning runs the test loop under no_grad; attacks and Jacobians need autograd.
         with torch.enable_grad():
             return self.run(encoder, ctx)
 
+    @staticmethod
+    def _attempt(work: Callable[[], None]) -> Exception | None:
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - every kind is handed to all ranks, then re-raised
+            return err
+        return None
+
+    @staticmethod
+    def _share(group: dist.ProcessGroup, failure: tuple[int, str] | None) -> tuple[int, str] | None:
+        """Rank 0's outcome, on every rank."""
+        box = [failure]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
     def _run_sharded(self, trainer: L.Trainer, encoder: L.LightningModule, ctx: ProbeContext,
-                     shard: Shard) -> None:
+                     shard: Shard, group: dist.ProcessGroup) -> tuple[Exception | None, tuple[int, str] | None]:
+        """Run this rank's shard, gather every shard on rank 0, merge and write there.
+
+        Returns this rank's own error and the first failure of any rank (None, None when all went well).
+        """
         start, stop = shard.bounds(self.n_selected(ctx))
         log.info("probe %s: rank %d of %d takes images [%d, %d)", self.name, shard.rank, shard.world,
                  start, stop)
         part = None
-        if stop > start:  # more ranks than images leaves some ranks without a shard
-            arrays = ShardArrays(ctx.store)
-            records = self._run(encoder, replace(ctx, shard=shard, store=arrays))
-            part = (records, arrays.saved)
+        arrays = ShardArrays(ctx.store)
+
+        def work() -> None:
+            nonlocal part
+            part = (self._run(encoder, replace(ctx, shard=shard, store=arrays)), arrays.saved)
+
+        # More ranks than images leaves some ranks without a shard.
+        error = self._attempt(work) if stop > start else None
         parts = [None] * shard.world if shard.rank == 0 else None
-        dist.gather_object(part, parts, dst=0)
+        dist.gather_object((part, first_line(error)), parts, dst=0, group=group)
+        failure = None
         if shard.rank == 0:
-            records, arrays = merge_shards([p for p in parts if p is not None], self.image_axes)
-            for name, arr in arrays.items():
-                ctx.store.save_array(name, arr)
-            self._write(trainer, ctx.store, records)
+            failure = next(((r, msg) for r, (_, msg) in enumerate(parts) if msg), None)
+            if failure is None:
+                error = self._attempt(lambda: self._merge_and_write(trainer, ctx.store, parts))
+                failure = (0, first_line(error)) if error else None
+        return error, self._share(group, failure)
+
+    def _merge_and_write(self, trainer: L.Trainer, store: RunStore, parts: list) -> None:
+        shards = [p for p, _ in parts if p is not None]
+        if not any(len(records) for records, _ in shards):
+            raise DataError(f"probe {self.name} produced no records on any rank")
+        records, arrays = merge_shards(shards, self.image_axes)
+        for name, arr in arrays.items():
+            store.save_array(name, arr)
+        self._write(trainer, store, records)
 
     def _write(self, trainer: L.Trainer, store: RunStore, records: pd.DataFrame) -> None:
         path = store.write_records(self.name, records)

@@ -96,16 +96,27 @@ class TransferProbe(Probe):
         # The store root holding this run: <root>/runs/<key>.
         root = Path(self.results_dir) if self.results_dir else ctx.store.dir.parent.parent
         images, ids = self.selected_images(ctx)
+        # Under DDP `ids` is this rank's shard; whether a source shares images at all is a
+        # question about the whole selection, answered the same on every rank.
+        all_ids = ctx.image_ids[: self.n_selected(ctx)]
         stimuli = _stimulus_signature(ctx.store.identity)
         generator = ctx.generator(offset=1)
         frames = []
         for roi in self.selected_rois():
             for source_roi in self.source_rois or [roi]:
                 for source in self.find_sources(root, source_roi, stimuli):
-                    frame = self._transfer(encoder, roi, source_roi, source, images, ids, generator)
+                    frame = self._transfer(encoder, roi, source_roi, source, images, ids, all_ids,
+                                           generator)
+                    if frame is None:
+                        continue
                     frame["target_model"] = ctx.meta.get("model")
                     frame["target_subject"] = ctx.meta.get("subject")
                     frames.append(frame)
+        if not frames:
+            if ctx.shard.world > 1:
+                return pd.DataFrame()
+            raise DataError("no stored perturbation of the chosen sources applies to this run's test "
+                            "images (effect-matched sources whose images never reached the effect?)")
         records = pd.concat(frames, ignore_index=True)
         records["kind"] = self.kind
         records["norm_type"] = self.norm
@@ -150,7 +161,9 @@ class TransferProbe(Probe):
     # ---- one source ----------------------------------------------------------------------
 
     def _transfer(self, encoder: torch.nn.Module, roi: str, source_roi: str, source: RunStore,
-                  images: torch.Tensor, ids: np.ndarray, generator: torch.Generator) -> pd.DataFrame:
+                  images: torch.Tensor, ids: np.ndarray, all_ids: np.ndarray,
+                  generator: torch.Generator) -> pd.DataFrame | None:
+        """Records of one source's perturbations applied to `images`; None when none applies."""
         source_kind = KINDS[self.kind]
         arrays = source.load_array(f"{source_kind.array}_{source_roi}_{self.norm}")
         delta = arrays["delta"]
@@ -161,7 +174,9 @@ class TransferProbe(Probe):
                 f"dataset's canonical stimulus size, so source and target must use the same "
                 f"data.image_size (rerun one of them with data.image_size={images.shape[-1]})"
             )
-        pairs = self._pairs(source, source_roi, arrays, ids)
+        pairs = self._pairs(source, source_roi, arrays, ids, all_ids)
+        if pairs.empty:
+            return None
         columns = self._apply(encoder, roi, delta, pairs, images, generator)
         wide = pd.DataFrame(columns)
         for name in ("image_id", "eps"):
@@ -181,19 +196,19 @@ class TransferProbe(Probe):
         return records
 
     def _pairs(self, source: RunStore, roi: str, arrays: dict[str, np.ndarray],
-               ids: np.ndarray) -> pd.DataFrame:
+               ids: np.ndarray, all_ids: np.ndarray) -> pd.DataFrame:
         """One row per applied perturbation: where its delta and target image are, and s.
 
         Columns: slot (first axis of delta), src_pos (image axis of delta), tgt_pos (this run's
         image index), image_id, eps (exact, from the source's records), source_change.
         """
         source_ids = arrays["image_id"]
-        common, tgt_pos, src_pos = np.intersect1d(ids, source_ids, return_indices=True)
-        if len(common) == 0:
+        if len(np.intersect1d(all_ids, source_ids)) == 0:
             raise DataError(
                 f"run {source.key} ({_describe(source.columns)}) shares no test image ids with this "
                 f"run; transfer needs the same stimuli (e.g. the NSD shared images)"
             )
+        common, tgt_pos, src_pos = np.intersect1d(ids, source_ids, return_indices=True)
         images = pd.DataFrame({"image_id": common, "tgt_pos": tgt_pos, "src_pos": src_pos})
         table = _source_changes(source, KINDS[self.kind].probe, roi)
         if self.kind == "fixed_eps":
