@@ -121,7 +121,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, lo
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     kwargs["devices"] = pinned_devices(kwargs, multirun_job(), gpus)
     try:
-        trainer = L.Trainer(callbacks=callbacks or [], logger=logger, **kwargs)
+        # A copy: Lightning appends its own callbacks (the progress bar) to the list it is given.
+        trainer = L.Trainer(callbacks=list(callbacks or []), logger=logger, **kwargs)
     except (TypeError, ValueError, MisconfigurationException) as err:
         reason = str(err).splitlines()[0]
         raise ConfigError(f"trainer config: {reason}; see conf/trainer/default.yaml") from None

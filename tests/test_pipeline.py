@@ -1,5 +1,8 @@
 """End to end on the synthetic twin: config -> data -> encoder -> probes -> results store."""
 
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ import brainrobust.models.features as features_mod
 from brainrobust.models.readout import fit_ridge, pearson_r
 from brainrobust.pipeline import run, summary_table
 from brainrobust.results.store import load
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -133,3 +138,15 @@ def test_force_redoes_every_probe_of_a_finished_run(make_cfg, monkeypatch):
     assert run(make_cfg()).key == store.key and calls == []
     again = run(make_cfg("force=true"))
     assert again.key == store.key and calls == [1]
+
+
+def test_readme_main_job_runs_as_a_user_types_it(synthetic_root, tmp_path):
+    """`python run.py` with its defaults (progress bar, CSV logger), only the files moved to tmp."""
+    root, _ = synthetic_root
+    out = subprocess.run(
+        [sys.executable, "run.py", f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
+         f"paths.results_dir={tmp_path / 'results'}", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "|s| eps=" in out.stdout and "records: " in out.stdout
+    assert list((tmp_path / "logs").rglob("metrics.csv"))
