@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_config, isolated
+from helpers import REPO, compose_config, isolated
 from hydra.errors import ConfigCompositionException
 
 from brainrobust.errors import BrainRobustError, ConfigError, DataError, WeightsError
 from brainrobust.models.backbones import TinyCNN
 from brainrobust.pipeline import run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _compose(root, tmp, overrides):

@@ -3,10 +3,9 @@
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import REPO, compose_config
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
@@ -14,14 +13,7 @@ from brainrobust.data.rois import ROISpec
 from brainrobust.models.zoo import list_models
 from brainrobust.pipeline import run_identity
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = str(REPO / "conf")
 GROUPS = ["model", "roi", "attack", "epsilon", "data", "probe", "logger", "experiment"]
-
-
-def _compose(overrides=()):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def test_required_groups_exist():
@@ -33,46 +25,46 @@ def test_required_groups_exist():
 def test_default_composes_without_deprecation_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
-        cfg = _compose()
+        cfg = compose_config()
     assert cfg.subject == 1 and list(cfg.roi) == ["FFA"]
     assert cfg.data.subject == 1 and cfg.attack.norm == cfg.epsilon.norm
 
 
 def test_user_command_composes():
-    cfg = _compose(["model=robust_resnet50_eps3", "roi=FFA"])
+    cfg = compose_config("model=robust_resnet50_eps3", "roi=FFA")
     assert cfg.model.name == "robust_resnet50_eps3" and cfg.model.family == "madry"
     rois = instantiate(cfg.data.rois, _convert_="all")
     assert isinstance(rois["FFA"], ROISpec) and tuple(rois["FFA"].labels) == ("FFA-1", "FFA-2")
 
 
 def test_several_rois_in_one_encoder():
-    cfg = _compose(["roi=[FFA,EBA,PPA]"])
+    cfg = compose_config("roi=[FFA,EBA,PPA]")
     assert sorted(cfg.roi) == ["EBA", "FFA", "PPA"]
 
 
 def test_every_model_and_roi_composes():
     for name in list_models():
-        assert _compose([f"model={name}"]).model.name == name
+        assert compose_config(f"model={name}").model.name == name
     for roi in ("FFA", "OFA", "EBA", "FBA", "PPA", "OPA", "RSC"):
-        assert _compose([f"roi={roi}"]).roi[roi].name == roi
+        assert compose_config(f"roi={roi}").roi[roi].name == roi
 
 
 def test_linf_epsilon_switches_the_attack_norm():
-    cfg = _compose(["epsilon=linf"])
+    cfg = compose_config("epsilon=linf")
     assert cfg.attack.norm == "linf" and max(cfg.epsilon.ladder) == pytest.approx(8 / 255)
 
 
 def test_unknown_option_lists_valid_names():
     with pytest.raises(ConfigCompositionException) as err:
-        _compose(["model=resnet_does_not_exist"])
+        compose_config("model=resnet_does_not_exist")
     assert "resnet50" in str(err.value.__cause__ or err.value) or "Available options" in str(err.value)
 
 
 def test_identity_ignores_paths_and_logger():
-    a = run_identity(_compose(["paths.results_dir=/tmp/a", "logger=none"]))
-    b = run_identity(_compose(["paths.results_dir=/tmp/b"]))
+    a = run_identity(compose_config("paths.results_dir=/tmp/a", "logger=none"))
+    b = run_identity(compose_config("paths.results_dir=/tmp/b"))
     assert a == b
-    assert run_identity(_compose(["subject=2"])) != b
+    assert run_identity(compose_config("subject=2")) != b
 
 
 def _run_py(*args):

@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import compose_config, isolated
+from helpers import REPO, compose_config, isolated
 
 from brainrobust.errors import ConfigError
 from brainrobust.pipeline import build_trainer, pinned_devices, run
 from brainrobust.probes.base import Shard, merge_shards
 from brainrobust.results.store import ResultsStore
 
-REPO = Path(__file__).resolve().parents[1]
 # Deterministic attacks (no random start), so one process and two ranks must agree image by image.
 ATTACK = ["roi=[FFA,PPA]", "attack.random_start=false", "attack.steps=5"]
 PROBES = [

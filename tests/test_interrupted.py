@@ -11,11 +11,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import compose_config, isolated
+from helpers import REPO, compose_config, isolated
 
 from brainrobust.pipeline import run
 
-REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["attack.steps=3",
              "probe.sensitivity.max_images=3", "probe.sensitivity.random_draws=1",
              "probe.sensitivity.batch_size=1"]

@@ -89,20 +89,19 @@ def test_mei_of_a_linear_readout_aligns_with_its_weights(encoder):
         assert (mei[b] - start[b]).abs().max() > 0.3  # it moved far from the grey start
 
 
+def _context(images: torch.Tensor, first_id: int, store) -> ProbeContext:
+    """Test images with consecutive ids from first_id, ROIs A and B, no measured responses."""
+    n = len(images)
+    return ProbeContext(images=images, image_ids=np.arange(first_id, first_id + n, dtype=np.int64),
+                        responses=np.zeros((n, 4)), rois=["A", "B"], roi_stats={}, meta={},
+                        store=store, seed=0)
+
+
 def test_mei_is_selective_and_the_probe_writes_its_outputs(encoder, tmp_path):
     store = ResultsStore(tmp_path / "results").run({"t": 1}, {"model": "linear", "subject": 1})
     g = torch.Generator().manual_seed(6)
     images = torch.rand(12, 3, S, S, generator=g)
-    ctx = ProbeContext(
-        images=images,
-        image_ids=np.arange(12, dtype=np.int64),
-        responses=np.zeros((12, 4)),
-        rois=["A", "B"],
-        roi_stats={},
-        meta={},
-        store=store,
-        seed=0,
-    )
+    ctx = _context(images, first_id=0, store=store)
     probe = MEIProbe(seeds=2, steps=60, transforms=TRANSFORMS)
     probe.bind(ctx)
     records = probe.run(encoder, ctx)
@@ -134,16 +133,7 @@ def test_mei_is_selective_and_the_probe_writes_its_outputs(encoder, tmp_path):
 def test_mei_from_natural_images_starts_at_them(encoder, tmp_path):
     store = ResultsStore(tmp_path / "results").run({"t": 2}, {"model": "linear", "subject": 1})
     images = 0.1 + 0.8 * torch.rand(6, 3, S, S, generator=torch.Generator().manual_seed(7))
-    ctx = ProbeContext(
-        images=images,
-        image_ids=np.arange(50, 56, dtype=np.int64),
-        responses=np.zeros((6, 4)),
-        rois=["A", "B"],
-        roi_stats={},
-        meta={},
-        store=store,
-        seed=0,
-    )
+    ctx = _context(images, first_id=50, store=store)
     probe = MEIProbe(rois=["A"], start={"select": "first", "n": 2}, steps=20, save_media=False)
     probe.bind(ctx)
     records = probe.run(encoder, ctx)

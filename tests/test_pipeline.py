@@ -2,18 +2,15 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compose_config, isolated
+from helpers import REPO, compose_config, isolated
 
 import brainrobust.models.features as features_mod
 from brainrobust.models.readout import fit_ridge, pearson_r
 from brainrobust.pipeline import run, summary_table
 from brainrobust.results.store import load
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
