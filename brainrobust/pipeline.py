@@ -144,8 +144,10 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
     None picks a GPU when there is one. Anything but CUDA means CPU here: the ridge fit needs
     float64, which Apple's MPS lacks.
     """
-    if device is None or device.type != "cuda":
-        device = torch.device("cuda" if device is None and torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        device = torch.device("cpu")
     preprocess, features = build_feature_model(spec, weights_dir=cfg.paths.weights_dir)
 
     cache_dir = Path(cfg.paths.cache_dir)

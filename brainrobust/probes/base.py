@@ -7,7 +7,7 @@ they never import each other.
 
 Under DDP (trainer.devices > 1), a probe whose work is independent per test image (it declares
 `image_axes`) runs on a contiguous shard of the images in every rank; rank 0 gathers the shards'
-records and arrays, merges them in image order and writes them. Other probes run on rank 0 alone
+records and arrays, merges them (arrays in image order) and writes them. Other probes run on rank 0 alone
 while the other ranks wait. Only rank 0 writes to the results store.
 """
 
@@ -95,7 +95,8 @@ class ShardArrays:
 
 def merge_shards(parts: list[tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]],
                  image_axes: dict[str, int]) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """Records and arrays of the ranks' shards, in rank (= image) order, as one run would write.
+    """The ranks' shards as one record set: arrays in image order as one process stores them,
+    records shard after shard (the same rows as one process, in another order).
 
     Array entries named in `image_axes` are concatenated along that axis; every other entry must
     be the same in every shard (e.g. the eps ladder), or the merge would silently drop data.
