@@ -7,34 +7,67 @@ random-init model, the sensitivity probe, local results.
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 log = logging.getLogger("brainrobust")
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from lightning.pytorch.utilities import rank_zero_only
+    from omegaconf.errors import OmegaConfBaseException
 
-    from brainrobust.errors import BrainRobustError
-    from brainrobust.pipeline import run, summary_table
+    from brainrobust.errors import BrainRobustError, Interrupted
+    from brainrobust.pipeline import multirun_job, run, show_results
+    from brainrobust.sweep import record_outcome
 
     try:
         store = run(cfg)
-    except BrainRobustError as err:
+    except Interrupted as err:
+        # Preempted or stopped: not a mistake. The exit code a SIGTERM'd process has.
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(143)
+    except (BrainRobustError, OmegaConfBaseException) as err:
         # A user-correctable problem: one line that names the fix, no traceback.
-        log.error("%s", err)
+        message = str(err).splitlines()[0]
+        log.error("%s", message)
+        record_outcome(cfg.paths.results_dir, None, message)
+        if multirun_job() is not None:
+            return  # the sweep goes on and lists this failure at its end
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    record_outcome(cfg.paths.results_dir, store.key)
+    # Other DDP ranks end here: rank 0 writes the records and reports them.
+    if not cfg.dry_run and rank_zero_only.rank == 0:
+        show_results(cfg, store)
+
+
+def preflight(argv: list[str]) -> bool:
+    """Every value of every override composed before Hydra starts a job: one line, exit 2.
+    Returns whether the command line is a --multirun."""
+    from hydra._internal.utils import get_args_parser
+
+    from brainrobust.errors import ConfigError
+    from brainrobust.preflight import check_overrides
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.shell_completion or args.info:
+        return False
+    try:
+        check_overrides(args.overrides, CONF)
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    # Other DDP ranks end here: rank 0 writes the records and reports them.
-    if cfg.dry_run or rank_zero_only.rank != 0:
-        return
-    if cfg.print_table:
-        print(summary_table(store).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"records: {store.records_dir}")
+    return bool(args.multirun)
 
 
 if __name__ == "__main__":
+    if preflight(sys.argv[1:]):
+        from brainrobust.sweep import end_workers_with_sweep
+
+        end_workers_with_sweep()
     main()

@@ -3,11 +3,14 @@
 Ours attacks the pattern objective ||r(x + d) - r(x)||_2 of a 1,000-voxel linear readout on the
 pooled features of a timm backbone with random weights (no download); torchattacks attacks the
 cross-entropy of the same backbone with a 1,000-way head. Both run L2 PGD with the same eps, steps,
-step size and random start. Variants are timed in interleaved rounds (best of --repeats), so a
+step size and random start (`--method apgd`: ours steps by Auto-PGD's rule instead, the same
+number of steps, to price its momentum and step bookkeeping). This is the cost of a step; how many
+steps each attack needs is benchmarks/bench_time_to_quality.py. Variants are timed in interleaved rounds (best of --repeats), so a
 shared machine's load hits every variant alike. On a loaded machine pass --threads 1: a second
 OpenMP thread that is not scheduled makes the other spin, and one attack then takes 20x longer.
 
     python benchmarks/bench_attack.py                                  # CPU, ~2 min
+    python benchmarks/bench_attack.py --method apgd --variants fp32 --threads 1
     python benchmarks/bench_attack.py --device cuda --model resnet50 --batch 256 --size 224 \
         --variants fp32,bf16_cl,bf16_cl_compile
 """
@@ -82,6 +85,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--method", default="pgd", choices=["pgd", "apgd"],
+                        help="our step rule: pgd (the peer's, equal settings) or apgd (the "
+                             "default attack's momentum and step halving, same step count)")
     parser.add_argument("--eps", type=float, default=1.0, help="L2 budget")
     parser.add_argument("--voxels", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
@@ -112,7 +118,9 @@ def main() -> None:
     x = x.to(device)
     labels = torch.randint(0, 1000, (args.batch,), generator=torch.Generator().manual_seed(2))
     labels = labels.to(device)
-    cfg = PGDConfig(norm="l2", steps=args.steps, step_size=2.5 / args.steps)
+    alpha = 2.5 / args.steps  # the peer's step, and ours with --method pgd
+    cfg = PGDConfig(method=args.method, norm="l2", steps=args.steps,
+                    step_size=alpha if args.method == "pgd" else None)
 
     runs = {}
     for name in variants:
@@ -123,7 +131,7 @@ def main() -> None:
             objective = make_objective(model, "all", "pattern", x)
             pgd(objective, x, args.eps, cfg, torch.Generator(device).manual_seed(3), runtime)
 
-        runs[f"brainrobust pgd, {name}"] = ours
+        runs[f"brainrobust {args.method}, {name}"] = ours
     try:
         import torchattacks
     except ImportError:
@@ -131,7 +139,7 @@ def main() -> None:
         print("torchattacks is not installed: no peer to compare with", file=sys.stderr)
     peer = None
     if torchattacks is not None:
-        attack = torchattacks.PGDL2(classifier, eps=args.eps, alpha=cfg.step_size * args.eps,
+        attack = torchattacks.PGDL2(classifier, eps=args.eps, alpha=alpha * args.eps,
                                     steps=args.steps, random_start=True)
         peer = f"torchattacks {torchattacks.__version__} PGDL2, fp32"
         runs[peer] = lambda: attack(x, labels)
@@ -146,7 +154,7 @@ def main() -> None:
             wall[label], cpu[label] = min(wall[label], w), min(cpu[label], c)
 
     image_steps = args.batch * args.steps
-    print(f"\nL2 PGD, {args.model} (random weights) + {args.voxels}-voxel readout, "
+    print(f"\nL2 {args.method}, {args.model} (random weights) + {args.voxels}-voxel readout, "
           f"batch {args.batch}, {args.size}x{args.size}, {args.steps} steps, device {device}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
     if device.type == "cuda":
@@ -175,7 +183,7 @@ def main() -> None:
         try:
             classifier_cl = copy.deepcopy(classifier).to(memory_format=torch.channels_last)
             attack_cl = torchattacks.PGDL2(classifier_cl, eps=args.eps,
-                                           alpha=cfg.step_size * args.eps, steps=1)
+                                           alpha=alpha * args.eps, steps=1)
             attack_cl(x.contiguous(memory_format=torch.channels_last), labels)
             print("\ntorchattacks PGDL2 on a channels_last model: runs")
         except RuntimeError as err:

@@ -23,3 +23,11 @@ class WeightsError(BrainRobustError):
 
 class CacheError(BrainRobustError):
     """A cache entry is damaged or belongs to another key (it is rebuilt, never trusted)."""
+
+
+class StorageError(BrainRobustError, OSError):
+    """A file or folder cannot be written (read-only, full, no permission)."""
+
+
+class Interrupted(BrainRobustError):
+    """The run was stopped by a signal (SIGTERM, preemption) at a safe point; rerun to resume."""

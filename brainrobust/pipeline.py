@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -20,17 +21,26 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from brainrobust.data.datamodule import BrainDataModule
 from brainrobust.errors import BrainRobustError, CacheError, ConfigError
-from brainrobust.files import stable_hash
+from brainrobust.files import check_writable, exclusive, stable_hash
+from brainrobust.identity import config_identity, key_columns
 from brainrobust.models.encoder import BrainEncoder
-from brainrobust.models.features import build_feature_model, extract_features, feature_cache_key
+from brainrobust.models.features import (
+    build_feature_model,
+    extract_features,
+    feature_cache_key,
+    lightning_notices_off,
+)
 from brainrobust.models.readout import SOLVERS, LinearReadout, fit_ridge
 from brainrobust.models.zoo import ModelSpec
 from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.results.loggers import send
 from brainrobust.results.store import ResultsStore, RunStore
+from brainrobust.summary import render, summary_tables
 
 log = logging.getLogger(__name__)
 
@@ -52,46 +62,20 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The part of the resolved config that determines a run's numbers: its results key.
-
-    `key_ignore` lists dotted paths to leave out (`*` matches one level, e.g. `probe.*.force`).
-    The device type is added: fp32 CPU and bf16 GPU results never share a key.
-    """
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for path in cfg.get("key_ignore", []):
-        _pop_path(plain, path.split("."))
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    plain["device"] = "cuda" if on_gpu else "cpu"
-    return plain
+    """The results key of `cfg` run in this process (see `identity.config_identity`)."""
+    return config_identity(OmegaConf.to_container(cfg, resolve=True), torch.cuda.is_available())
 
 
-def _pop_path(tree: Any, parts: list[str]) -> None:
-    if not isinstance(tree, dict) or not parts:
-        return
-    head, rest = parts[0], parts[1:]
-    keys = list(tree) if head == "*" else [head]
-    for key in keys:
-        if not rest:
-            tree.pop(key, None)
-        else:
-            _pop_path(tree.get(key), rest)
-
-
-def key_columns(cfg: DictConfig) -> dict[str, Any]:
-    return {
-        "model": cfg.model.name,
-        "layer": cfg.model.layer,
-        "subject": int(cfg.subject),
-        "rois": ",".join(sorted(cfg.roi)),
-        "seed": int(cfg.seed),
-    }
-
-
-def check_subject(cfg: DictConfig) -> None:
+def check_run_values(cfg: DictConfig) -> None:
+    """The top-level values every run reads, checked before anything is built."""
     subject = cfg.subject
     if isinstance(subject, bool) or not isinstance(subject, int) or not 1 <= subject <= 8:
         raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
+    seed = cfg.seed
+    # numpy, torch and Lightning all take seeds in [0, 2**32).
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {shown}")
 
 
 def multirun_job() -> int | None:
@@ -137,14 +121,16 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, lo
 
 
 def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
-                  device: torch.device | None = None) -> BrainEncoder:
+                  trainer: L.Trainer | None = None) -> BrainEncoder:
     """Backbone + cached features + ridge readout (fit once, then loaded from the cache).
 
-    `device` is where this process computes (its trainer's root device; a DDP rank's own GPU);
-    None picks a GPU when there is one. Anything but CUDA means CPU here: the ridge fit needs
-    float64, which Apple's MPS lacks.
+    `trainer` is the run's own: it extracts the features on its root device (a DDP rank's own
+    GPU), where the ridge fit runs too; None builds one that picks a GPU when there is one.
+    Anything but CUDA means CPU for the fit: it needs float64, which Apple's MPS lacks.
     """
-    if device is None:
+    if trainer is not None:
+        device = trainer.strategy.root_device
+    else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         device = torch.device("cpu")
@@ -175,7 +161,7 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
             image_source_id=dm.loader.image_source_id, cache_dir=cache_dir / "features",
             batch_size=dm.batch_size, weights_dir=cfg.paths.weights_dir,
             accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=[device.index or 0] if device.type == "cuda" else 1)
+            devices=[device.index or 0] if device.type == "cuda" else 1, trainer=trainer)
         fit_device = device if cfg.readout.device == "auto" else cfg.readout.device
         fit = fit_ridge(x_train, dm.train.responses, alphas=list(cfg.readout.alphas),
                         method=cfg.readout.method, cv=cfg.readout.cv, device=fit_device)
@@ -222,7 +208,7 @@ def build_probes(cfg: DictConfig) -> list[Probe]:
 def run(cfg: DictConfig) -> RunStore:
     # Every config object is built before any file is read or written, so a config error
     # costs nothing and leaves the results store as it was.
-    check_subject(cfg)
+    check_run_values(cfg)
     probes = build_probes(cfg)
     spec: ModelSpec = build(cfg.model)
     if cfg.readout.method not in SOLVERS:
@@ -234,13 +220,38 @@ def run(cfg: DictConfig) -> RunStore:
         state = "complete" if store.is_complete() else "to run"
         print(f"run {store.key} ({state}): " + " ".join(f"{k}={v}" for k, v in columns.items()))
         return store
-    if store.is_complete() and not cfg.force:
-        log.info("run %s is complete (%s): skipped; pass force=true to redo it", store.key, store.dir)
-        return store
+    for folder in (cfg.paths.results_dir, cfg.paths.cache_dir, cfg.paths.log_dir):
+        check_writable(folder)
+    logger = build_logger(cfg, store)
+    with claimed(store):
+        if store.is_complete() and not cfg.force:
+            log.info("run %s is complete (%s): skipped; pass force=true to redo it", store.key,
+                     store.dir)
+            with closing_logger(logger):
+                send_results(cfg, store, probes, logger)
+            return store
+        compute(cfg, store, spec, dm, probes, logger, columns)
+    return store
 
+
+@contextmanager
+def claimed(store: RunStore) -> Iterator[None]:
+    """Only one process computes a run: a job another live process is running (a second sweep
+    on the same store) waits for it, then finds it complete. DDP ranks other than 0 are that
+    run's own helpers and take no claim."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    lock = store.dir.parent / ".claims" / f"{store.key}.lock"
+    with exclusive(lock, on_wait=lambda: log.info(
+            "run %s is being computed by another process; waiting for it", store.key)):
+        yield
+
+
+def compute(cfg: DictConfig, store: RunStore, spec: ModelSpec, dm: BrainDataModule,
+            probes: list[Probe], logger: Any, columns: dict[str, Any]) -> None:
+    """Data, encoder, predictivity and probes of one run, written to its store."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    # W&B's logger starts its run lazily, on the first log call below.
-    logger = build(cfg.logger) if cfg.get("logger") else False
     trainer = build_trainer(cfg, callbacks=probes, logger=logger)
     dm.prepare_data()
     dm.setup()
@@ -248,37 +259,53 @@ def run(cfg: DictConfig) -> RunStore:
     device = trainer.strategy.root_device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    encoder = build_encoder(cfg, spec, dm, device)
+    log.info("run %s on %s: model %s, subject %s, ROIs %s", store.key, device, spec.name,
+             dm.subject, ",".join(sorted(dm.rois)))
+    encoder = build_encoder(cfg, spec, dm, trainer)
     context = build_context(cfg, dm, store, columns)
     for probe in probes:
         probe.bind(context)
+    with closing_logger(logger):
+        with lightning_notices_off():
+            trainer.test(encoder, dataloaders=dm.test_dataloader(), verbose=False)
+        # Under DDP every rank computed the same predictivity; rank 0 alone writes.
+        if trainer.is_global_zero:
+            if not store.has_records("predictivity") or cfg.force:
+                store.write_records("predictivity", encoder.predictivity)
+            store.mark_complete()
+            send_results(cfg, store, probes, logger)
+
+
+def build_logger(cfg: DictConfig, store: RunStore) -> Any:
+    """The configured Lightning logger, or False. A logger config with `version: null` gets the
+    run's results key, so sending a finished run again updates its W&B run instead of adding one."""
+    node = cfg.get("logger")
+    if not node:
+        return False
+    extra = {"version": store.key} if "version" in node and node.version is None else {}
+    return build(node, **extra)
+
+
+@contextmanager
+def closing_logger(logger: Any) -> Iterator[None]:
+    """W&B runs must be closed in every job of a multirun, also when one fails (W&B's logger
+    starts its run lazily, on the first call that logs)."""
     try:
-        if logger:
-            logger.log_hyperparams({**columns, "run_key": store.key,
-                                    "config": OmegaConf.to_container(cfg, resolve=True)})
-        trainer.test(encoder, dataloaders=dm.test_dataloader(), verbose=False)
+        yield
     finally:
-        # W&B runs must be closed in every job of a multirun, also when one fails.
         experiment = getattr(logger, "_experiment", None)
         if experiment is not None and hasattr(experiment, "finish"):
             experiment.finish()
-    # Under DDP every rank computed the same predictivity; rank 0 alone writes.
-    if trainer.is_global_zero:
-        if not store.has_records("predictivity") or cfg.force:
-            store.write_records("predictivity", encoder.predictivity)
-        store.mark_complete()
-    return store
 
 
-def summary_table(store: RunStore) -> pd.DataFrame:
-    """One row per ROI: test r, sensitivity at each eps, and the random control."""
-    pred = store.read_records("predictivity")
-    rows = pred[pred.metric == "r_roi_mean"].set_index("roi")["value"].rename("test_r").to_frame()
-    if store.has_records("sensitivity"):
-        sens = store.read_records("sensitivity")
-        for metric, label in (("abs_s", "|s|"), ("random_abs_s", "random")):
-            wide = sens[sens.metric == metric].groupby(["roi", "eps"])["value"].mean().unstack("eps")
-            wide.columns = [f"{label} eps={e:g}" for e in wide.columns]
-            rows = rows.join(wide)
-    rows.insert(0, "model", store.columns["model"])
-    return rows.reset_index()
+def send_results(cfg: DictConfig, store: RunStore, probes: list[Probe], logger: Any) -> None:
+    if logger:
+        send([logger], store, {p.name: p.settings for p in probes},
+             OmegaConf.to_container(cfg, resolve=True))
+
+
+def show_results(cfg: DictConfig, store: RunStore) -> None:
+    """The run's tables and where its records are; a sweep prints one table at its end."""
+    if cfg.print_table and multirun_job() is None:
+        print(render(summary_tables([store])))
+    print(f"records: {store.records_dir}")

@@ -11,7 +11,7 @@
 # Cost: per model x subject, 3 settings x 4 images x 7 eps x 32 PGD steps = 2,688 image-steps
 # (forward + backward at 224 px), plus 3 ROIs x 4 seeds x 256 MEI steps = 3,072 image-steps:
 # minutes on one GPU for both models; multiply by the per-image-step cost that
-# `python -m brainrobust.plan` measures for the model.
+# `python -m brainrobust.plan targeted` estimates for the model (from per-unit costs measured on an H200).
 # Usage: experiments/targeted.sh [extra hydra overrides, e.g. data=nsd data.root=/data/nsd]
 set -euo pipefail
 cd "$(dirname "$0")/.."

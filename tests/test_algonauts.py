@@ -1,6 +1,8 @@
 """Algonauts 2023 layout loader on a tiny layout written here."""
 
 import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -89,7 +91,8 @@ def test_responses_are_the_roi_columns_of_the_released_rows(layout, caplog):
     vertex_value = np.r_[[2, 3, 4, 10, 20, 21], [505, 506]]
     np.testing.assert_array_equal(data.responses, data.ids[:, None] * 1000 + vertex_value)
     assert {k: len(v) for k, v in data.rois.items()} == {"FFA": 5, "OFA": 1, "lh.PPA": 2}
-    np.testing.assert_allclose(data.roi_mean["OFA"], data.ids * 1000 + 10)
+    # integers below 2^24 and a one-vertex mean: exact in float32
+    np.testing.assert_array_equal(data.roi_mean["OFA"], data.ids * 1000 + 10)
     assert np.isnan(data.noise_ceiling).all() and np.isnan(data.roi_noise_ceiling["FFA"])
     assert "no single trials" in caplog.text
     assert (data.n_repeats == 0).all() and data.voxel_xyz.shape == (8, 3)
@@ -141,3 +144,60 @@ def test_bad_input(layout, tmp_path):
     with pytest.raises(DataError, match=r"rh_training_fmri.npy holds float64 \(5, 25\), "
                                         r"expected float32 \(60 training images"):
         loader.load(2, "FFA", "test")
+
+
+def test_the_split_follows_the_subjects_present_and_so_does_the_fingerprint(tmp_path, caplog):
+    root = tmp_path / "algonauts"
+    write_layout(root, subjects=(1,))
+    with caplog.at_level(logging.WARNING):
+        alone = AlgonautsLoader(root)
+        split, fingerprint = alone.test_ids(), alone.fingerprint(1, "FFA")
+    assert "only subjects [1] are under" in caplog.text and "changes when subjects are added" \
+        in caplog.text
+    write_layout(root, subjects=(2, 3))
+    more = AlgonautsLoader(root)
+    assert not np.array_equal(more.test_ids(), split)
+    assert more.fingerprint(1, "FFA") != fingerprint
+
+
+def test_fingerprint_follows_the_files_not_the_place(layout, tmp_path):
+    root, _ = layout
+    clean = AlgonautsLoader(root).fingerprint(1, ["FFA", "lh.PPA"])
+    shutil.copytree(root, tmp_path / "elsewhere")
+    assert AlgonautsLoader(tmp_path / "elsewhere").fingerprint(1, ["FFA", "lh.PPA"]) == clean
+    assert AlgonautsLoader(root).fingerprint(1, "FFA") != clean
+    fmri = root / "subj01/training_split/training_fmri/rh_training_fmri.npy"
+    st = fmri.stat()
+    data = np.load(fmri)
+    data[0, 0] += 1
+    np.save(fmri, data)
+    os.utime(fmri, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert AlgonautsLoader(root).fingerprint(1, ["FFA", "lh.PPA"]) != clean
+
+
+def test_an_image_rewritten_in_place_gets_new_features(layout):
+    """The feature cache is keyed by image_source_id: a folder's mtime and file count do not
+    change when a file in it is rewritten."""
+    root, _ = layout
+    before = AlgonautsLoader(root).image_source_id
+    (path,) = root.glob("subj01/training_split/training_images/train-0001_*.png")
+    Image.fromarray(image_of(7)).save(path)
+    assert AlgonautsLoader(root).image_source_id != before
+
+
+def test_unusable_paths_and_sizes_are_one_line_errors(layout, tmp_path):
+    root, _ = layout
+    fmri = root / "subj02/training_split/training_fmri/lh_training_fmri.npy"
+    fmri.unlink()
+    os.symlink(fmri.name, fmri)
+    with pytest.raises(DataError, match="lh_training_fmri.npy is a symbolic link loop"):
+        AlgonautsLoader(root).load(2, "FFA", "test")
+    (path,) = root.glob("subj01/training_split/training_images/*_nsd-01005.png")  # subject 1's
+    path.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read .*_nsd-01005.png .*not an image; re-download it"):
+        AlgonautsLoader(root).images([1005])
+    with pytest.raises(DataError, match="longer than the filesystem allows"):
+        AlgonautsLoader(tmp_path / ("x" * 300))
+    for size in (1, 100_000):
+        with pytest.raises(ConfigError, match="data.image_size must be an int in 16-1024"):
+            AlgonautsLoader(root, image_size=size)

@@ -416,7 +416,9 @@ def test_hold_keeps_the_other_roi_nearly_fixed():
     ({"step_size": 0.0}, "step_size"), ({"step_size": -1.0}, "step_size"),
     ({"step_size": math.nan}, "step_size"), ({"step_size": math.inf}, "step_size"),
     ({"norm": "l1"}, "norm"), ({"restarts": 2, "random_start": False}, "restarts"),
-    ({"patience": 0}, "patience"),
+    ({"patience": 0}, "patience"), ({"method": "fgsm"}, "method"),
+    ({"conv_window": 0.0}, "conv_window"), ({"conv_window": 1.5}, "conv_window"),
+    ({"conv_gain_max": -0.1}, "conv_gain_max"), ({"conv_spread_max": math.nan}, "conv_spread_max"),
 ])
 def test_bad_config_is_a_one_line_config_error(kwargs, field):
     with pytest.raises(ConfigError, match=field) as err:

@@ -36,7 +36,9 @@ def test_sensitivity_figures_build():
     fig = figures.sensitivity_vs_eps(records)
     assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) >= 2
     fig = figures.sensitivity_vs_predictivity(records, eps=1.0)
-    assert len(fig.axes) == 2 and len(fig.axes[0].collections[0].get_offsets()) == 2
+    # One labelled scatter per model (the error bars are unlabelled): both models in each panel.
+    points = [c.get_offsets() for c in fig.axes[0].collections if not c.get_label().startswith("_")]
+    assert len(fig.axes) == 2 and sum(len(p) for p in points) == 2
 
 
 def test_heatmap_builds_with_values():

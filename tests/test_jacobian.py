@@ -58,9 +58,9 @@ def test_randomized_recovers_planted_directions(planted):
     k, x = planted["k"], planted["x"]
     enc_a = LinearEncoder(planted["w_a"], {"FFA": torch.arange(30)}).eval()
     p, sigma = top_k_right_singular(
-        enc_a, x, k, oversample=4, iters=2, generator=torch.Generator().manual_seed(0)
-    )
-    p_exact, sigma_exact = top_k_right_singular(enc_a, x, k, method="exact")
+        enc_a, x, k, oversample=4, max_iters=2, generator=torch.Generator().manual_seed(0)
+    )[:2]
+    p_exact, sigma_exact = top_k_right_singular(enc_a, x, k, method="exact")[:2]
     truth = planted["basis"][:, :k]
     assert p.shape == (3, D, k) and sigma.shape == (3, k)
     for b in range(3):
@@ -78,8 +78,8 @@ def test_randomized_recovers_planted_directions(planted):
 def test_similarity_of_planted_models_is_analytic(planted):
     k, x = planted["k"], planted["x"]
     rois = {"FFA": torch.arange(30)}
-    p_a, _ = top_k_right_singular(LinearEncoder(planted["w_a"], rois), x, k, iters=2)
-    p_b, _ = top_k_right_singular(LinearEncoder(planted["w_b"], rois), x, k, iters=2)
+    p_a, _ = top_k_right_singular(LinearEncoder(planted["w_a"], rois), x, k, max_iters=2)[:2]
+    p_b, _ = top_k_right_singular(LinearEncoder(planted["w_b"], rois), x, k, max_iters=2)[:2]
     expected = planted["shared"] / k
     assert subspace_similarity(p_a, p_b) == pytest.approx(np.full(3, expected), abs=1e-3)
     # Two shared directions (angle 0) and two private, orthogonal ones (angle pi/2).
@@ -108,8 +108,10 @@ def test_per_image_jacobians_match_autograd():
         torch.testing.assert_close(ops.j(v), jac @ v, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ops.jt(u), jac.mT @ u, atol=1e-5, rtol=1e-4)
     _, s_ref, vh_ref = torch.linalg.svd(jac)
-    p_exact, s_exact = top_k_right_singular(fn, x, 3, method="exact")
-    p_rand, s_rand = top_k_right_singular(fn, x, 3, oversample=5, iters=3, jvp_mode="double_vjp")
+    p_exact, s_exact = top_k_right_singular(fn, x, 3, method="exact")[:2]
+    p_rand, s_rand = top_k_right_singular(
+        fn, x, 3, oversample=5, max_iters=3, jvp_mode="double_vjp"
+    )[:2]
     torch.testing.assert_close(s_exact, s_ref[:, :3], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(s_rand, s_ref[:, :3], atol=1e-5, rtol=1e-3)
     for b in range(4):
@@ -162,21 +164,21 @@ def test_small_cnn_modes_agree():
     forward = JacobianProducts(net, x, jvp_mode="forward").j(v)
     double = JacobianProducts(net, x, jvp_mode="double_vjp").j(v)
     torch.testing.assert_close(forward, double, atol=1e-5, rtol=1e-4)
-    p_exact, _ = top_k_right_singular(net, x, 3, method="exact")
-    p_rand, _ = top_k_right_singular(net, x, 3, oversample=7, iters=3)
+    p_exact, _ = top_k_right_singular(net, x, 3, method="exact")[:2]
+    p_rand, _ = top_k_right_singular(net, x, 3, oversample=7, max_iters=3)[:2]
     # 10 outputs and 3 + 7 probe columns: the randomized range is the whole row space.
     assert subspace_similarity(p_exact, p_rand) == pytest.approx(np.ones(2), abs=1e-4)
 
 
 def test_auto_method_takes_the_cheaper_one(planted):
     # 30 outputs vs (4 + 4) x (2 x 2 + 1) = 40 products: exact; 1000 outputs: randomized.
-    assert choose_method(30, D, 4, oversample=4, iters=2) == "exact"
-    assert choose_method(1000, D, 4, oversample=4, iters=2) == "randomized"
+    assert choose_method(30, D, 4, oversample=4, max_iters=2) == "exact"
+    assert choose_method(1000, D, 4, oversample=4, max_iters=2) == "randomized"
     enc = LinearEncoder(planted["w_a"], {"FFA": torch.arange(30)})
     p_auto, s_auto = top_k_right_singular(
-        enc, planted["x"], 4, oversample=4, iters=2, method="auto"
-    )
-    p_exact, s_exact = top_k_right_singular(enc, planted["x"], 4, method="exact")
+        enc, planted["x"], 4, oversample=4, max_iters=2, method="auto"
+    )[:2]
+    p_exact, s_exact = top_k_right_singular(enc, planted["x"], 4, method="exact")[:2]
     torch.testing.assert_close(s_auto, s_exact)
     torch.testing.assert_close(p_auto.abs(), p_exact.abs())
 
@@ -228,7 +230,9 @@ def test_bad_arguments_are_config_errors(planted):
     with pytest.raises(ConfigError, match="k=31.*min\\(30, 192\\)"):
         top_k_right_singular(enc, x, 31)
     with pytest.raises(ConfigError, match="iters"):
-        top_k_right_singular(enc, x, 2, iters=0)
+        top_k_right_singular(enc, x, 2, max_iters=0)
+    with pytest.raises(ConfigError, match="tol"):
+        top_k_right_singular(enc, x, 2, tol=0.0)
     with pytest.raises(ConfigError, match="method"):
         top_k_right_singular(enc, x, 2, method="lanczos")
     with pytest.raises(ConfigError, match="jvp_mode"):

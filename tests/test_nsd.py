@@ -11,13 +11,17 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from brainrobust.data import nsd
+from brainrobust.data import datafiles, nsd
+from brainrobust.data.datamodule import BrainDataModule
+from brainrobust.data.layouts import data_fingerprint
 from brainrobust.data.nsd import NSDLoader, read_boxes
+from brainrobust.data.nsd_files import TWIN_SESSIONS
 from brainrobust.data.rois import ROISpec, builtin_roi, read_ctab
 from brainrobust.data.synthetic import write_synthetic_nsd
 from brainrobust.errors import ConfigError, DataError
 
 DESIGN = "nsddata/experiments/nsd/nsd_expdesign.mat"
+EPS32, EPS64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
 CODES = {"FFA": ("floc-faces", [2, 3]), "EBA": ("floc-bodies", [1]), "PPA": ("floc-places", [2]),
          "OFA": ("floc-faces", [1])}
 TINY = {"n_subjects": 2, "sessions": (2, 1), "grid": (10, 12, 8), "image_size": 16,
@@ -54,6 +58,26 @@ def reference(root, subject, rois):
         x = betas[:, xyz[:, 2], xyz[:, 1], xyz[:, 0]]
         trials.append((x - x.mean(0)) / x.std(0))
     return shown, np.concatenate(trials), xyz
+
+
+def stored_trial_error(trials):
+    """Bound of the change of each single trial when the loader keeps it in float32: half an ulp."""
+    return EPS32 / 2 * np.abs(trials)
+
+
+def noise_ceiling_error(triples, error, nc, k):
+    """Bound of the change of NC = 100 s2 / (s2 + k), s2 = 1 / v^2 - 1, v^2 the mean variance
+    (ddof=1) over `triples` (n, 3, V), when each trial moves by up to `error` (n, 3, V).
+
+    To first order a triple's variance moves by sum_j (x_j - mean) * dx_j, so v^2 by the mean of
+    sum_j |x_j - mean| * error_j, and NC by 100 k / (s2 + k)^2 / v^4 times that. The float32
+    ncsnr and NC add half an ulp each, eps relative in all (s2 doubling ncsnr's).
+    """
+    dev = np.abs(triples - triples.mean(1, keepdims=True))
+    var = triples.var(1, ddof=1).mean(0)
+    d_var = (dev * error).sum(1).mean(0)
+    s2 = np.maximum(0.0, 1 / var - 1)
+    return 100 * k / (s2 + k) ** 2 / var**2 * d_var + 2 * EPS32 * np.abs(nc)
 
 
 def columns_of(data, xyz):
@@ -120,14 +144,20 @@ def test_responses_equal_independent_zscore_and_average(loader, synthetic_root, 
     ids = truth.test_ids if split == "test" else np.setdiff1d(np.unique(shown), truth.test_ids)
     np.testing.assert_array_equal(data.ids, ids)
     expected = np.stack([trials[shown == i].mean(0) for i in ids])
+    stored = np.stack([stored_trial_error(trials[shown == i]).mean(0) for i in ids])
     cols = columns_of(data, xyz)
     assert data.responses.dtype == np.float32 and data.n_dropped == 0
-    np.testing.assert_allclose(data.responses, expected[:, cols], rtol=1e-5, atol=1e-5)
+    # The loader averages float32-stored trials in float64 and stores the mean in float32: half
+    # an ulp of each; 2x covers the float64 sums (~1e-13 relative)
+    bound = 2 * (stored + EPS32 / 2 * np.abs(expected))
+    np.testing.assert_array_less(np.abs(data.responses - expected[:, cols]), bound[:, cols])
     np.testing.assert_array_equal(data.n_repeats, [np.sum(shown == i) for i in ids])
     for roi in rois:
         assert len(data.rois[roi]) == truth.roi_voxel_count(subject, roi)
-        np.testing.assert_allclose(data.roi_mean[roi], data.responses[:, data.rois[roi]].mean(1),
-                                   rtol=1e-6)
+        block = data.responses[:, data.rois[roi]]
+        # two float32 means of the same m columns (float32 sums): m * eps * mean|x| each
+        bound = 2 * block.shape[1] * EPS32 * np.abs(block).mean(1)
+        np.testing.assert_array_less(np.abs(data.roi_mean[roi] - block.mean(1)), bound)
 
 
 def test_roi_voxel_counts_all_subjects_and_hemispheres(loader, synthetic_root):
@@ -150,7 +180,9 @@ def test_noise_ceiling_from_ncsnr_file(loader, synthetic_root):
         s2 = ncsnr[tuple(data.voxel_xyz.T)] ** 2
         n = data.n_repeats
         k = ((n == 3).sum() / 3 + (n == 2).sum() / 2 + (n == 1).sum()) / len(n)
-        np.testing.assert_allclose(data.noise_ceiling, 100 * s2 / (s2 + k), rtol=1e-5)
+        # float64 from the same float64 ncsnr, rounded once to float32: half an ulp; eps leaves
+        # room for the two ways k is summed
+        np.testing.assert_allclose(data.noise_ceiling, 100 * s2 / (s2 + k), rtol=EPS32)
     assert k > 1 / 3  # the training split mixes 1, 2 and 3 repeats
 
 
@@ -158,13 +190,22 @@ def test_roi_noise_ceiling_from_roi_mean_series(loader, synthetic_root):
     root, _ = synthetic_root
     data = loader.load(1, "PPA", "test")
     shown, trials, _ = reference(root, 1, ["PPA"])
-    series = trials.mean(1).reshape(-1, 750)
-    series = ((series - series.mean(1, keepdims=True)) / series.std(1, keepdims=True)).ravel()
+    raw = trials.mean(1).reshape(-1, 750)
+    sd = raw.std(1, keepdims=True)
+    series = ((raw - raw.mean(1, keepdims=True)) / sd).ravel()
     ids, counts = np.unique(shown, return_counts=True)
-    v = np.sqrt(np.mean([series[shown == i].var(ddof=1) for i in ids[counts == 3]]))
+    triples = np.stack([series[shown == i] for i in ids[counts == 3]])[:, :, None]
+    v = np.sqrt(triples.var(1, ddof=1).mean())
     ncsnr = np.sqrt(max(0.0, 1 - v**2)) / v
-    assert data.roi_noise_ceiling["PPA"] == pytest.approx(100 * ncsnr**2 / (ncsnr**2 + 1 / 3),
-                                                          rel=1e-4)
+    expected = 100 * ncsnr**2 / (ncsnr**2 + 1 / 3)
+    # The loader's series averages float32-stored trials: each raw value moves by at most the
+    # mean of its trials' half ulps, and once z-scored (mean and sd moving too) by at most
+    # (|shift| + max |shift| * (1 + |z|)) / sd
+    shift = stored_trial_error(trials).mean(1).reshape(sd.shape[0], -1)
+    moved = ((shift + shift.max(1, keepdims=True) * (1 + np.abs(series.reshape(shift.shape)))) / sd).ravel()
+    error = np.stack([moved[shown == i] for i in ids[counts == 3]])[:, :, None]
+    bound = noise_ceiling_error(triples, error, expected, 1 / 3)[0]
+    assert abs(data.roi_noise_ceiling["PPA"] - expected) <= bound
     assert 30 < data.roi_noise_ceiling["PPA"] < 99
 
 
@@ -220,9 +261,14 @@ def test_axis_order_single_planted_voxel(tiny):
     np.testing.assert_array_equal(data.voxel_xyz, [[x0, y0, z0]])
     shown, trials, _ = reference(root, 1, ["FFA"])
     z = (planted - planted.mean()) / planted.std()
-    np.testing.assert_allclose(trials[:750, 0], z)
-    expected = [trials[shown == i, 0].mean() for i in data.ids]
-    np.testing.assert_allclose(data.responses[:, 0], expected, rtol=1e-5, atol=1e-6)
+    # float64 z-scores of the same 750 values in two ways: n-term sums, relative to max |x| / sd
+    z_err = len(planted) * EPS64 * np.abs(planted).max() / planted.std()
+    np.testing.assert_allclose(trials[:750, 0], z, rtol=0, atol=z_err)
+    expected = np.array([trials[shown == i, 0].mean() for i in data.ids])
+    stored = np.array([stored_trial_error(trials[shown == i, 0]).mean() for i in data.ids])
+    # as in test_responses_equal_independent_zscore_and_average
+    bound = 2 * (stored + EPS32 / 2 * np.abs(expected))
+    np.testing.assert_array_less(np.abs(data.responses[:, 0] - expected), bound)
 
 
 def test_one_based_design_indices(tiny):
@@ -312,11 +358,14 @@ def test_noise_ceiling_from_data_without_ncsnr_file(tiny, caplog):
     assert "no ncsnr.nii.gz" in caplog.text
     shown, trials, xyz = reference(root, 1, ["FFA", "EBA"])
     ids, counts = np.unique(shown, return_counts=True)
-    var = np.mean([trials[shown == i].var(0, ddof=1) for i in ids[counts == 3]], axis=0)
+    triples = np.stack([trials[shown == i] for i in ids[counts == 3]])
+    var = triples.var(1, ddof=1).mean(0)
     ncsnr = np.sqrt(np.maximum(0, 1 - var)) / np.sqrt(var)
     cols = columns_of(data, xyz)
-    np.testing.assert_allclose(data.noise_ceiling, (100 * ncsnr**2 / (ncsnr**2 + 1 / 3))[cols],
-                               rtol=1e-4, atol=1e-4)
+    expected = 100 * ncsnr**2 / (ncsnr**2 + 1 / 3)
+    # the loader computes v^2 from its float32-stored trials
+    bound = noise_ceiling_error(triples, stored_trial_error(triples), expected, 1 / 3)
+    np.testing.assert_array_less(np.abs(data.noise_ceiling - expected[cols]), bound[cols])
     truth = planted[tuple(data.voxel_xyz.T)]
     assert np.corrcoef(ncsnr[cols], truth)[0, 1] > 0.5
 
@@ -446,3 +495,178 @@ def test_ctab_without_label_or_missing(tiny):
     ctab.unlink()
     with pytest.raises(DataError, match="floc-faces.mgz.ctab not found"):
         NSDLoader(root).load(1, "FFA", "test")
+
+
+# ---- data fingerprint ---------------------------------------------------------------------
+def flip_byte(path, offset, keep_mtime=True):
+    """Change one byte in place; optionally set the mtime back, as a hostile edit would."""
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_fingerprint_follows_the_content_not_the_place(tiny, tmp_path):
+    root, _ = tiny
+    clean = NSDLoader(root).fingerprint(1, ["FFA", "PPA"])
+    elsewhere = tmp_path / "copied"
+    shutil.copytree(root, elsewhere, copy_function=shutil.copy)  # new path, new mtimes
+    assert NSDLoader(elsewhere).fingerprint(1, ["FFA", "PPA"]) == clean
+    assert NSDLoader(root).fingerprint(1, "FFA") != clean  # another ROI reads other files
+    stimuli = root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    flip_byte(stimuli, stimuli.stat().st_size // 2)
+    assert NSDLoader(root).fingerprint(1, ["FFA", "PPA"]) != clean
+    flip_byte(stimuli, stimuli.stat().st_size // 2)  # back to the clean bytes
+    assert NSDLoader(root).fingerprint(1, ["FFA", "PPA"]) == clean
+    ctab = root / "nsddata/freesurfer/subj01/label/floc-places.mgz.ctab"
+    ctab.write_text(ctab.read_text().replace("2 PPA", "2 PPA "))
+    assert NSDLoader(root).fingerprint(1, ["FFA", "PPA"]) != clean
+
+
+def test_fingerprint_counts_every_subjects_sessions(tiny):
+    """Subject 2's sessions decide subject 1's test set, so they are part of its fingerprint."""
+    root, _ = tiny
+    clean = NSDLoader(root).fingerprint(1, "FFA")
+    other = NSDLoader(tiny[0]).fingerprint(2, "FFA")
+    (betas_dir(root, 2) / "betas_session01.hdf5").rename(root / "away.hdf5")
+    assert NSDLoader(root).fingerprint(1, "FFA") != clean
+    (root / "away.hdf5").rename(betas_dir(root, 2) / "betas_session01.hdf5")
+    assert NSDLoader(root).fingerprint(1, "FFA") == clean != other
+
+
+def test_a_missing_last_session_warns_and_changes_the_fingerprint(tiny, caplog):
+    root, _ = tiny
+    with caplog.at_level(logging.WARNING):
+        full = NSDLoader(root).load(1, "FFA", "train")
+        fingerprint = NSDLoader(root).fingerprint(1, "FFA")
+    assert "sessions the dataset defines" not in caplog.text  # the twin records its own counts
+    (betas_dir(root, 1) / "betas_session02.hdf5").unlink()
+    with caplog.at_level(logging.WARNING):
+        fewer = NSDLoader(root).load(1, "FFA", "train")
+    assert "subject 1 has 1 of the 2 sessions the dataset defines" in caplog.text
+    assert len(fewer.ids) < len(full.ids)
+    assert NSDLoader(root).fingerprint(1, "FFA") != fingerprint
+    with caplog.at_level(logging.WARNING):  # NSD's published counts when no twin recorded its own
+        (root / TWIN_SESSIONS).unlink()
+        NSDLoader(root).load(2, "FFA", "train")
+    assert "subject 2 has 1 of the 2 sessions" in caplog.text
+
+
+def test_large_files_are_fingerprinted_by_samples_size_and_mtime(tiny, monkeypatch):
+    root, _ = tiny
+    monkeypatch.setattr(datafiles, "FULL_HASH_BYTES", 4096)
+    monkeypatch.setattr(datafiles, "SAMPLE_BYTES", 256)
+    stimuli = root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    clean = NSDLoader(root).fingerprint(1, "FFA")
+    flip_byte(stimuli, stimuli.stat().st_size - 1)  # in the last sample, mtime set back
+    damaged = NSDLoader(root).fingerprint(1, "FFA")
+    assert damaged != clean
+    flip_byte(stimuli, stimuli.stat().st_size // 2 + 100, keep_mtime=False)  # between samples
+    assert NSDLoader(root).fingerprint(1, "FFA") not in (clean, damaged)
+
+
+def test_cached_responses_are_rebuilt_when_a_file_changes_behind_its_mtime(tiny, tmp_path,
+                                                                          monkeypatch):
+    root, _ = tiny
+    first = NSDLoader(root, cache_dir=tmp_path / "c").load(1, "FFA", "train")
+    path = betas_dir(root, 1) / "betas_session02.hdf5"
+    st = path.stat()
+    x, y, z = first.voxel_xyz[0]
+    with h5py.File(path, "r+") as f:
+        f["betas"][:5, z, y, x] = f["betas"][:5, z, y, x] + 3000
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    opened = count_opens(monkeypatch)
+    again = NSDLoader(root, cache_dir=tmp_path / "c").load(1, "FFA", "train")
+    assert len(opened) == 2 and not np.array_equal(again.responses, first.responses)
+
+
+# ---- unusable paths -----------------------------------------------------------------------
+@pytest.mark.parametrize("make, message", [
+    (lambda p: os.symlink(p.name, p), r"betas_session02.hdf5 is a symbolic link loop"),
+    (lambda p: os.symlink("gone.hdf5", p), "betas_session02.hdf5 is a link to gone.hdf5, which"),
+    (lambda p: p.mkdir(), r"betas_session02.hdf5 is a directory, expected a file"),
+])
+def test_unusable_session_files_are_one_line_errors(tiny, make, message):
+    root, _ = tiny
+    path = betas_dir(root, 1) / "betas_session02.hdf5"
+    path.unlink()
+    make(path)
+    for call in (lambda: NSDLoader(root).load(1, "FFA", "test"),
+                 lambda: NSDLoader(root).fingerprint(1, "FFA")):
+        with pytest.raises(DataError, match=message):
+            call()
+
+
+def test_a_directory_where_the_stimuli_are_expected(tiny):
+    root, _ = tiny
+    path = root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    path.unlink()
+    path.mkdir()
+    loader = NSDLoader(root)
+    with pytest.raises(DataError, match="nsd_stimuli.hdf5 is a directory, expected a file"):
+        loader.images(loader.test_ids()[:2])
+
+
+def test_permission_denied_says_so_and_names_the_file(tiny, monkeypatch):
+    """Tests run as root, which reads any file: h5py and nibabel raise what they raise for
+    another user on a 0600 file."""
+    root, _ = tiny
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, f"Unable to synchronously open file (unable to open file: "
+                                  f"name = '{path}', errno = 13, error message = 'Permission "
+                                  "denied', flags = 0, o_flags = 0)")
+
+    monkeypatch.setattr(h5py, "File", denied)
+    with pytest.raises(DataError, match=r"cannot read .*betas_session01.hdf5: permission denied; "
+                                        r"make it readable") as err:
+        NSDLoader(root).load(1, "FFA", "test")
+    assert "truncated" not in str(err.value)
+    monkeypatch.setattr(nib, "load", denied)
+    with pytest.raises(DataError, match=r"cannot read .*floc-faces.nii.gz: permission denied"):
+        NSDLoader(root).load(1, "FFA", "test")
+
+
+def test_long_root_and_image_sizes_out_of_range_are_one_line_errors(tiny, tmp_path):
+    root, _ = tiny
+    with pytest.raises(DataError, match="longer than the filesystem allows"):
+        NSDLoader(tmp_path / ("x" * 300) / "nsd")
+    for size in (1, 15, 100_000, 64.5, "224"):
+        with pytest.raises(ConfigError, match=r"data.image_size must be an int in 16-1024"):
+            NSDLoader(root, image_size=size)
+        with pytest.raises(ConfigError, match=r"data.image_size must be an int in 16-1024"):
+            BrainDataModule(str(root), subject=1, rois=["FFA"], image_size=size)
+    assert NSDLoader(root, image_size=16).images([0]).shape == (1, 16, 16, 3)
+
+
+def test_stimuli_below_the_smallest_size_need_an_image_size(tmp_path):
+    root = tmp_path / "twin"
+    write_synthetic_nsd(root, n_subjects=1, sessions=(1,), grid=(8, 9, 7), image_size=8,
+                        n_shared=20)
+    dm = BrainDataModule(str(root), subject=1, rois=["EBA"])
+    dm.setup()
+    with pytest.raises(ConfigError, match="are 8 px, outside 16-1024; set data.image_size=224"):
+        dm.image_tensor("test")
+    resized = BrainDataModule(str(root), subject=1, rois=["EBA"], image_size=32)
+    resized.setup()
+    assert resized.stimulus_size == 32
+
+
+def test_data_module_fingerprint_writes_the_twin_and_leaves_the_path_out(tmp_path):
+    small = {"n_subjects": 1, "sessions": [1], "grid": [8, 9, 7], "image_size": 16,
+             "n_shared": 20}
+    prints = []
+    for name in ("a", "b"):
+        dm = BrainDataModule(str(tmp_path / name), subject=1, rois=["EBA"], synthetic=small)
+        prints.append(dm.fingerprint())
+        assert prints[-1] == NSDLoader(tmp_path / name).fingerprint(1, "EBA")
+    assert prints[0] == prints[1]
+    # As a resolved config holds it (what `python -m brainrobust.plan` reads, without torch).
+    eba = {"EBA": {"_target_": "brainrobust.data.rois.ROISpec", "name": "EBA",
+                   "file": "floc-bodies", "labels": ["EBA"], "hemi": "both"}}
+    assert data_fingerprint("nsd", tmp_path / "a", 1, eba, synthetic=small) == prints[0]

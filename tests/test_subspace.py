@@ -60,7 +60,7 @@ def run_probe(root, encoder, model, images, ids, subject=1, **settings):
     settings = {
         "k": K,
         "oversample": 4,
-        "iters": 2,
+        "max_iters": 2,
         "method": "randomized",
         "rois": ["FFA"],
     } | settings
@@ -80,7 +80,12 @@ def test_probe_writes_records_and_subspaces(tmp_path, models):
     store, records = run_probe(tmp_path, models["a"], "a", models["images"], models["ids"])
     truth_p, truth_s = ffa_truth(models["a"])
     sigmas = {f"sigma_{i}" for i in range(1, K + 1)}
-    assert set(records.metric) == sigmas | {"participation_ratio", "gap_ratio"}
+    assert set(records.metric) == sigmas | {
+        "participation_ratio",
+        "gap_ratio",
+        "residual",
+        "iterations",
+    }
     assert set(records.roi) == {"FFA"} and sorted(set(records.image_id)) == sorted(models["ids"])
     sigma = records[records.metric == "sigma_1"].value.to_numpy()
     np.testing.assert_allclose(sigma, truth_s[0].item(), rtol=1e-4)
@@ -111,8 +116,8 @@ def test_similarity_matrix_equals_direct_computation(tmp_path, models):
     sim = similarity_matrix(tmp_path, "FFA")
 
     fn = {m: (lambda x, e=models[m]: e(x)[:, ROIS["FFA"]]) for m in ("a", "b")}
-    p_a, _ = top_k_right_singular(fn["a"], images[order], K, method="exact")
-    p_b, _ = top_k_right_singular(fn["b"], images[order], K, method="exact")
+    p_a, _ = top_k_right_singular(fn["a"], images[order], K, method="exact")[:2]
+    p_b, _ = top_k_right_singular(fn["b"], images[order], K, method="exact")[:2]
     direct = subspace_similarity(p_a, p_b).mean()
     assert list(sim.index) == ["a", "b"] and list(sim.columns) == ["a", "b"]
     assert direct == pytest.approx(2 / K, abs=1e-4)
@@ -217,7 +222,7 @@ def test_all_voxels_mode_and_auto_method(tmp_path, models):
         method="auto",
     )
     assert set(records.roi) == {"all"}
-    # 30 voxels cost fewer products than (4 + 1 + 4) x (2 x 2 + 1) = 45: auto takes the exact J.
+    # 30 voxels cost fewer products than (4 + 4) x (2 x 2 + 1) = 40: auto takes the exact J.
     assert set(records.method) == {"exact"}
     gap = records[records.metric == "gap_ratio"].value.to_numpy()
     np.testing.assert_allclose(gap, 1.0 / TOP_SIGMA[-1], rtol=1e-4)
@@ -234,7 +239,8 @@ def test_config_builds_the_probe_and_rejects_bad_settings():
     assert cfg.experiment_name == "subspace" and list(cfg.probe) == ["subspace"]
     for bad in (
         {"k": 0},
-        {"iters": 0},
+        {"max_iters": 0},
+        {"tol": 0},
         {"method": "lanczos"},
         {"voxels": "mean"},
         {"oversample": -1},

@@ -1,6 +1,8 @@
 """The synthetic twin: real NSD layout, planted structure, write-once behaviour."""
 
 import json
+import logging
+import time
 
 import h5py
 import nibabel as nib
@@ -11,7 +13,7 @@ import scipy.io
 from brainrobust.data import synthetic
 from brainrobust.data.nsd import NSDLoader
 from brainrobust.data.synthetic import ensure_synthetic_nsd, load_truth, write_synthetic_nsd
-from brainrobust.errors import ConfigError
+from brainrobust.errors import ConfigError, StorageError
 from brainrobust.files import sha256_file
 
 SMALL = {"n_subjects": 1, "sessions": (1,), "grid": (8, 9, 7), "image_size": 8, "n_shared": 20}
@@ -143,3 +145,59 @@ def test_bad_parameters_are_config_errors(tmp_path):
         write_synthetic_nsd(tmp_path, **{**SMALL, "n_shared": 10_000})
     with pytest.raises(ConfigError, match="roi_sizes"):
         write_synthetic_nsd(tmp_path, **SMALL, roi_sizes={"VWFA": 3})
+
+
+def test_marker_lists_every_file_and_a_damaged_twin_is_rewritten(tmp_path, caplog):
+    root = tmp_path / "twin"
+    ensure_synthetic_nsd(root, **SMALL)
+    listed = json.loads((root / synthetic.MARKER).read_text())["files"]
+    assert listed == {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*")
+                      if p.is_file() and not p.name.startswith(".brainrobust_synthetic.")}
+    stimuli = root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    session = root / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR/" \
+                     "betas_session01.hdf5"
+    for damage in (stimuli.unlink, lambda: session.write_bytes(session.read_bytes()[:-10])):
+        damage()
+        with caplog.at_level(logging.WARNING):
+            ensure_synthetic_nsd(root, **SMALL)
+        assert "is damaged" in caplog.text and "writing it" in caplog.text
+        caplog.clear()
+        assert stimuli.stat().st_size == listed[stimuli.relative_to(root).as_posix()]
+        assert session.stat().st_size == listed[session.relative_to(root).as_posix()]
+    written = (root / synthetic.MARKER).stat().st_mtime_ns
+    ensure_synthetic_nsd(root, **SMALL)
+    assert (root / synthetic.MARKER).stat().st_mtime_ns == written  # an intact twin is reused
+
+
+def test_a_killed_build_leaves_nothing_that_is_trusted_or_kept(tmp_path):
+    root = tmp_path / "twin"
+    ensure_synthetic_nsd(root, **SMALL)
+    stale = root / f"{synthetic.BUILD}dead"  # a build killed before its move into place
+    (stale / "nsddata").mkdir(parents=True)
+    (root / synthetic.MARKER).unlink()  # killed between the moves and the marker
+    (root / synthetic.PARTIAL).write_text("")
+    ensure_synthetic_nsd(root, **SMALL)
+    assert not stale.exists() and not (root / synthetic.PARTIAL).exists()
+    assert (root / synthetic.MARKER).is_file()
+
+
+def test_same_parameters_give_the_same_bytes_anywhere(tmp_path):
+    """No time stamp in any file the loader reads: the data fingerprint of a twin does not
+    depend on its folder or on when it was written."""
+    ensure_synthetic_nsd(tmp_path / "a", **SMALL)
+    time.sleep(1.1)  # gzip and MAT headers store seconds
+    ensure_synthetic_nsd(tmp_path / "b", **SMALL)
+    files = [p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
+             if p.is_file() and p.name != synthetic.TRUTH_JSON]
+    assert len(files) > 20
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    assert (NSDLoader(tmp_path / "a").fingerprint(1, ["FFA", "lh.PPA"])
+            == NSDLoader(tmp_path / "b").fingerprint(1, ["FFA", "lh.PPA"]))
+
+
+def test_a_root_that_cannot_be_made_is_one_line(tmp_path):
+    with pytest.raises(StorageError, match="File name too long"):
+        ensure_synthetic_nsd(tmp_path / ("x" * 300) / "twin", **SMALL)
+    with pytest.raises(ConfigError, match="image_size in 8-1024"):
+        ensure_synthetic_nsd(tmp_path / "twin", **{**SMALL, "image_size": 100_000})

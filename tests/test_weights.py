@@ -173,10 +173,10 @@ def test_missing_weights_offline_name_the_url_and_the_path(tmp_path, monkeypatch
     with pytest.raises(WeightsError) as err:
         build_backbone(spec, weights_dir=tmp_path)
     assert str(err.value) == (
-        f"weights for robust_resnet50_eps3 not found: "
-        f"download {spec.url} to {tmp_path / spec.filename} "
-        "(or set model.weights=/path, or model.allow_download=true)"
-    )
+        "weights for robust_resnet50_eps3 not found: run python -m brainrobust fetch weights "
+        f"robust_resnet50_eps3 --weights-dir {tmp_path} where there is network (or download "
+        f"{spec.url} to {tmp_path / spec.filename}, set model.weights=/path, or "
+        "model.allow_download=true)")
     assert built == []  # fails before building anything
 
 

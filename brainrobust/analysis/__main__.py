@@ -1,7 +1,9 @@
 """`python -m brainrobust.analysis --root results --out figures`: figures + one HTML report.
 
-Each figure is built from the merged results store; a figure whose records do not exist yet is
-skipped with a line naming the run that produces them, so a partial study still gets a report.
+Each figure is built from the merged results store (with the run settings that tell its slices
+apart, brainrobust.analysis.slices); a figure whose records do not exist yet is skipped with a
+line naming the run that produces them, and the report's "Not drawn" section lists it with that
+reason, so a partial study still gets a report.
 """
 
 from __future__ import annotations
@@ -9,118 +11,175 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from brainrobust.analysis import figures
-from brainrobust.analysis.report import build_report
+from brainrobust.analysis.media import save_figure
+from brainrobust.analysis.report import Section, build_report
+from brainrobust.analysis.slices import describe, load_records, slug, split
 from brainrobust.errors import BrainRobustError, DataError
-from brainrobust.results.store import load
+from brainrobust.units import format_eps
 
 log = logging.getLogger("brainrobust.analysis")
 
-# name -> (section heading, what it shows, builder(records, root, out) -> written PNG paths)
-Builder = Callable[[pd.DataFrame, Path, Path], list[Path]]
+
+@dataclass
+class Built:
+    """What one builder made: PNGs, (caption, table) pairs and the (figure, reason) pairs of
+    what it could not draw."""
+
+    images: list[Path] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    not_drawn: list[tuple[str, str]] = field(default_factory=list)
+
+
+# builder(records, root, out, model colours) -> Built
+Builder = Callable[[pd.DataFrame, Path, Path, Mapping[str, str]], Built]
 
 
 def _save(figs: dict[str, plt.Figure], out: Path) -> list[Path]:
-    paths = []
-    for stem, fig in figs.items():
-        path = out / f"{stem}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return [save_figure(fig, out / f"{stem}.png") for stem, fig in figs.items()]
 
 
-def _sensitivity(records: pd.DataFrame, root: Path, out: Path) -> list[Path]:
-    return _save({"sensitivity_vs_eps": figures.sensitivity_vs_eps(records),
-                  "sensitivity_vs_predictivity": figures.sensitivity_vs_predictivity(records)}, out)
-
-
-def _transfer(records: pd.DataFrame, root: Path, out: Path) -> list[Path]:
-    from brainrobust.analysis.transfer import transfer_matrix
-
-    rows = records[records.probe == "transfer"] if len(records) else records
+def _rows(records: pd.DataFrame, probe: str, how: str) -> pd.DataFrame:
+    rows = records[records.probe == probe]
     if rows.empty:
-        raise DataError("no transfer records; run experiments/transfer.sh (or probe=[transfer]) first")
+        raise DataError(f"no {probe} records; run {how} first")
+    return rows
+
+
+def _sensitivity(records: pd.DataFrame, root: Path, out: Path, colors: Mapping[str, str]) -> Built:
+    curves = figures.sensitivity_curves(records)
+    built = Built(images=_save({"sensitivity_vs_eps": figures.plot_curves(curves, colors)}, out),
+                  tables=_convergence_tables(records))
+    try:
+        points = figures.predictivity_points(records)
+    except DataError as err:
+        built.not_drawn.append(("sensitivity_vs_predictivity", str(err)))
+        return built
+    built.images += _save({"sensitivity_vs_predictivity": figures.plot_points(points, colors)}, out)
+    for slice_, rows in split(points):
+        built.not_drawn += [(f"sensitivity_vs_predictivity, {describe(slice_)}: {p.model} {p.roi}",
+                             p.note) for p in rows[rows.note != ""].itertuples()]
+    return built
+
+
+def _convergence_tables(records: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per slice, model x ROI rows and one column per eps: the share of records not converged."""
+    tables = []
+    for slice_, rows in split(figures.not_converged(records)):
+        cells = rows.assign(cell=[f"{f:.0%} of {n}" for f, n in zip(rows.fraction, rows.n, strict=True)])
+        wide = cells.pivot(index=["model", "roi"], columns="eps", values="cell")
+        wide.columns = [f"eps={format_eps(e, slice_.get('norm_type'))}" for e in wide.columns]
+        caption = (f"Sensitivity records not converged (converged == 0), {describe(slice_)}: "
+                   "% of the records (images x subjects) per model, ROI and eps")
+        tables.append((caption, wide))
+    return tables
+
+
+def _transfer(records: pd.DataFrame, root: Path, out: Path, colors: Mapping[str, str]) -> Built:
+    from brainrobust.analysis.transfer import matrix_from_records
+
+    rows = _rows(records, "transfer", "experiments/transfer.sh (or probe=[transfer])")
     figs = {}
-    for (roi, kind), grp in rows.groupby(["roi", "kind"]):
-        for eps in sorted(grp.eps.dropna().unique()) if kind == "fixed_eps" else [None]:
-            tag = f"{roi}_{kind}" + ("" if eps is None else f"_eps{eps:g}")
-            title = f"transfer {roi} ({kind}{'' if eps is None else f', eps={eps:g}'})"
-            for control in (False, True):
-                matrix = transfer_matrix(root, roi, eps=eps, kind=kind, control=control)
-                name = f"transfer_{tag}" + ("_random" if control else "")
-                figs[name] = figures.matrix_heatmap(
-                    matrix, title + (" random control" if control else ""),
-                    "|target change| / |source change|", vmin=0)
-    return _save(figs, out)
+    for slice_, part in split(rows):
+        norm = slice_.get("norm_type")
+        for (roi, kind), grp in part.groupby(["roi", "kind"]):
+            for eps in sorted(grp.eps.dropna().unique()) if kind == "fixed_eps" else [None]:
+                budget = "" if eps is None else format_eps(eps, norm)
+                for control in (False, True):
+                    matrix = matrix_from_records(grp, roi, eps=eps, kind=kind, control=control)
+                    name = "_".join(filter(None, ["transfer", roi, kind, slug(slice_),
+                                                  budget and "eps" + budget.replace("/", "-"),
+                                                  "random" if control else ""]))
+                    title = (f"transfer to {roi}, {kind.replace('_', ' ')}"
+                             + (budget and f", eps={budget}") + (", random control" if control else "")
+                             + f"\n{describe(slice_)}; within-subject pairs, mean over "
+                             f"n = {matrix.attrs['n_subjects']} subject(s)")
+                    figs[name] = figures.matrix_heatmap(matrix, title,
+                                                        "|target change| / |source change|", vmin=0)
+    return Built(images=_save(figs, out))
 
 
-def _subspace(records: pd.DataFrame, root: Path, out: Path) -> list[Path]:
+def _subspace(records: pd.DataFrame, root: Path, out: Path, colors: Mapping[str, str]) -> Built:
     from brainrobust.analysis.subspaces import similarity_matrix
 
-    rows = records[records.probe == "subspace"] if len(records) else records
-    if rows.empty:
-        raise DataError("no subspace records; run experiments/subspace.sh (or probe=[subspace]) first")
-    figs = {}
-    for roi in sorted(rows.roi.unique()):
-        matrix = similarity_matrix(root, roi)
-        figs[f"subspace_{roi}"] = figures.matrix_heatmap(
-            matrix, f"perturbation subspace similarity {roi}", "||P_i^T P_j||_F^2 / k",
-            vmin=0, vmax=1, baseline=matrix.attrs.get("random_baseline"))
-    return _save(figs, out)
+    rows = _rows(records, "subspace", "experiments/subspace.sh (or probe=[subspace])")
+    figs, built = {}, Built()
+    # One matrix per subject: subspaces of different subjects' encoders are not averaged.
+    for (roi, subject), _ in rows.groupby(["roi", "subject"]):
+        try:
+            matrix = similarity_matrix(root, roi, subject=subject)
+        except DataError as err:
+            built.not_drawn.append((f"subspace {roi}, subject {subject}", str(err)))
+            continue
+        figs[f"subspace_{roi}_s{subject}"] = figures.matrix_heatmap(
+            matrix, f"perturbation subspace similarity {roi}, subject {subject}",
+            "||P_i^T P_j||_F^2 / k", vmin=0, vmax=1, baseline=matrix.attrs.get("random_baseline"))
+    built.images = _save(figs, out)
+    return built
 
 
-def _targeted(records: pd.DataFrame, root: Path, out: Path) -> list[Path]:
+def _targeted(records: pd.DataFrame, root: Path, out: Path, colors: Mapping[str, str]) -> Built:
     from brainrobust.analysis.media import gallery
 
     # The report embeds the still images; videos stay beside it in the output folder.
-    return [p for p in gallery(root, out / "targeted") if p.suffix == ".png"]
+    return Built(images=[p for p in gallery(root, out / "targeted") if p.suffix == ".png"])
 
 
 FIGURES: dict[str, tuple[str, str, Builder]] = {
     "sensitivity": ("Q1 - sensitivity",
                     ("Mean |r(x) - r(x+delta)| of the ROI-mean prediction against the budget (dashed: "
-                    "random noise of the same norm), and sensitivity against predictivity per model."),
+                     "random noise of the same norm), and sensitivity against predictivity per model. "
+                     "One row of panels per slice (norm, objective, PGD steps and any other setting "
+                     "that differs between runs); each point is the mean over subjects of the "
+                     "per-subject mean over images, error bars the SEM across subjects."),
                     _sensitivity),
     "transfer": ("Q2/Q3 - transfer",
                  ("Perturbations found on each source model (rows) applied to each target model "
-                 "(columns): mean |target change| / mean |source change|, at fixed eps and "
-                 "effect-matched, with random noise of the same norm as the control."),
+                  "(columns): mean |target change| / mean |source change|, at fixed eps and "
+                  "effect-matched, with random noise of the same norm as the control; one matrix "
+                  "per norm and setting."),
                  _transfer),
     "subspace": ("Q2 - perturbation subspaces",
                  ("Mean squared cosine of the principal angles between two models' top-k "
-                 "eigenvectors of J^T J (1 = same subspace; random subspaces give k/D)."),
+                  "eigenvectors of J^T J (1 = same subspace; random subspaces give k/D), one matrix "
+                  "per ROI and subject."),
                  _subspace),
     "targeted": ("Q4 - targeted perturbations and maximally exciting images",
                  ("Images driven to decrease or increase one ROI's predicted response within a "
-                 "growing budget (strips and response trajectories; standard vs robust side by "
-                 "side), and unconstrained maximisation of each ROI (MEI grids)."),
+                  "growing budget (strips and response trajectories; standard vs robust side by "
+                  "side), and unconstrained maximisation of each ROI (MEI grids)."),
                  _targeted),
 }
 
 
 def build_all(root: Path, out: Path, only: list[str] | None = None) -> Path:
-    records = load(root)
+    records = load_records(root)
     out.mkdir(parents=True, exist_ok=True)
-    sections = []
+    # Built once from every model of the store, so a model has one colour in every figure.
+    colors = figures.model_colors(records.model)
+    sections, not_drawn = [], []
     for name, (heading, text, builder) in FIGURES.items():
         if only and name not in only:
             continue
         try:
-            paths = builder(records, root, out)
+            built = builder(records, root, out, colors)
         except DataError as err:
-            print(f"skipped {name}: {err}", file=sys.stderr)
-            continue
-        sections.append((heading, text, paths))
+            built = Built(not_drawn=[(name, str(err))])
+        for what, why in built.not_drawn:
+            print(f"skipped {what}: {why}", file=sys.stderr)
+        not_drawn += built.not_drawn
+        if built.images or built.tables:
+            sections.append(Section(heading, text, built.images, built.tables))
     if not sections:
         raise DataError(f"no figure could be built from {root}; run `python run.py` first")
-    report = build_report(sections, out / "report.html")
+    report = build_report(sections, out / "report.html", not_drawn=not_drawn)
     print(f"figures and report: {report}")
     return report
 

@@ -146,7 +146,8 @@ def write_strip(frames: ImageBatch, path: str | Path, gap: int = 2) -> Path:
     return write_grid([frames], path, gap=gap)
 
 
-def _save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
+    """`fig` as a PNG through the atomic writer (no partial PNG is ever read), then closed."""
     path = Path(path).with_suffix(".png")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
@@ -190,7 +191,7 @@ def plot_responses(
     _eps_axis(ax, eps)
     ax.set(xlabel="eps (perturbation budget)", ylabel=f"response change ({unit})", title=title)
     ax.legend(fontsize=7)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def labelled_grid(
@@ -226,7 +227,7 @@ def labelled_grid(
             if j == 0 and i < len(row_labels):
                 ax.set_ylabel(row_labels[i], fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _text(arrays: Mapping[str, np.ndarray], key: str, default: str = "") -> str:
@@ -386,7 +387,7 @@ def side_by_side(
         curve_ax.legend(fontsize=7)
     fig.suptitle(f"{direction} {roi}: image {image_id}", fontsize=9)
     fig.tight_layout()
-    return _save_figure(fig, out)
+    return save_figure(fig, out)
 
 
 def mei_grid(per_roi: Mapping[str, Mapping[str, np.ndarray]], path: str | Path) -> Path:

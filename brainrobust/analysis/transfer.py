@@ -14,6 +14,7 @@ quantity for random noise of the same norm on the target; `normalise_by_random` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,8 +27,13 @@ BY = ("model", "model_subject")
 KINDS = ("fixed_eps", "effect_matched")
 
 
-def transfer_matrix(
-    root: str | Path,
+def transfer_matrix(root: str | Path, roi: str, **options: Any) -> pd.DataFrame:
+    """`matrix_from_records` of the transfer records under the results store `root`."""
+    return matrix_from_records(load(root, probe="transfer"), roi, **options)
+
+
+def matrix_from_records(
+    records: pd.DataFrame,
     roi: str,
     eps: float | None = None,
     kind: str = "fixed_eps",
@@ -37,12 +43,13 @@ def transfer_matrix(
     subject: int | None = None,
     source_roi: str | None = None,
     control: bool = False,
+    norm: str | None = None,
 ) -> pd.DataFrame:
     """Source x target matrix of transfer for one target ROI.
 
     Parameters
     ----------
-    root : the results store root.
+    records : the transfer records (brainrobust.results.store.load(root, probe="transfer")).
     roi : the target ROI; `source_roi` (default: the same) is the ROI the perturbations targeted.
     eps : the budget (kind="fixed_eps"); None is allowed when the records hold a single eps.
         kind="effect_matched" has one budget per image, so eps must be None.
@@ -52,10 +59,12 @@ def transfer_matrix(
         (rows/columns "model/s<subject>", every pair, so cross-subject transfer shows).
     subject : keep only pairs whose source and target are this subject.
     control : return the random-control matrix instead (in the units of `value`).
+    norm : the perturbation norm; None is allowed when the records hold a single norm.
 
     Returns
     -------
-    DataFrame indexed by source, columns target, sorted labels.
+    DataFrame indexed by source, columns target, sorted labels; attrs["n_subjects"] is the
+    number of target subjects behind it.
     """
     if value not in VALUES:
         raise ConfigError(f"value must be one of {list(VALUES)}, got {value!r}")
@@ -65,16 +74,15 @@ def transfer_matrix(
         raise ConfigError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     if control and normalise_by_random:
         raise ConfigError("control=True with normalise_by_random=True is 1 by construction; drop one")
-    df = load(root, probe="transfer")
-    df = df[df.kind == kind]
+    df = _select_norm(records[records.kind == kind], norm)
     if df.empty:
-        raise DataError(f"no {kind} transfer records under {root}; run the transfer probe with "
+        raise DataError(f"no {kind} transfer records; run the transfer probe with "
                         f"probe.transfer.kind={kind} first")
     source_roi = source_roi or roi
     selected = df[(df.roi == roi) & (df.source_roi == source_roi)]
     if selected.empty:
         pairs = sorted(set(zip(df.source_roi, df.roi)))
-        raise DataError(f"no transfer records for source_roi={source_roi} -> roi={roi} under {root}; "
+        raise DataError(f"no transfer records for source_roi={source_roi} -> roi={roi}; "
                         f"available (source_roi, roi): {pairs}")
     selected = _select_eps(selected, eps, kind)
     if subject is not None:
@@ -83,7 +91,7 @@ def transfer_matrix(
     if by == "model":
         selected = selected[selected.source_subject.astype(int) == selected.target_subject.astype(int)]
     if selected.empty:
-        raise DataError(f"no transfer pairs left for roi={roi} subject={subject} by={by} under {root}")
+        raise DataError(f"no transfer pairs left for roi={roi} subject={subject} by={by}")
     source, target = _labels(selected, "source", by), _labels(selected, "target", by)
     means = (selected.assign(source=source, target=target)
              .groupby(["source", "target", "metric"])["value"].mean().unstack("metric"))
@@ -97,7 +105,20 @@ def transfer_matrix(
         cell = means["abs_target_change"] / means["abs_source_change"]
     else:
         cell = means["abs_target_change"]
-    return cell.unstack("target").sort_index().sort_index(axis=1)
+    matrix = cell.unstack("target").sort_index().sort_index(axis=1)
+    matrix.attrs["n_subjects"] = int(selected.target_subject.nunique())
+    return matrix
+
+
+def _select_norm(df: pd.DataFrame, norm: str | None) -> pd.DataFrame:
+    norms = sorted(df.norm_type.unique())
+    if norm is None:
+        if len(norms) > 1:
+            raise ConfigError(f"the records hold several norms {norms}; pass norm= one of them")
+        return df
+    if norm not in norms:
+        raise DataError(f"no transfer records of norm {norm!r}; available: {norms}")
+    return df[df.norm_type == norm]
 
 
 def _select_eps(df: pd.DataFrame, eps: float | None, kind: str) -> pd.DataFrame:

@@ -10,7 +10,9 @@ Per subject, under the challenge root:
 The released responses are already z-scored per session and averaged over repeats, and no
 test fMRI or single trials were released. So the test split is a seeded hold-out of the
 training images that every present subject has, repeat counts are unknown (0) and noise
-ceilings are NaN.
+ceilings are NaN. The release holds no list of the images all its subjects share, so that
+split follows the subjects under the root: it is the release's only with all 8 there (fewer
+log a warning), and `fingerprint` covers it, so a run's results key changes with it.
 """
 
 from __future__ import annotations
@@ -21,13 +23,24 @@ import os
 import pickle
 import re
 from collections.abc import Sequence
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from brainrobust.data.nsd import ArrayCache, SplitData, check_subject
+from brainrobust.cache import ArrayCache
+from brainrobust.data.datafiles import (
+    check_image_size,
+    check_root,
+    digests,
+    missing,
+    read_error,
+    stat_file,
+    stat_key,
+)
+from brainrobust.data.nsd import SplitData, check_subject
 from brainrobust.data.rois import ROISpec, as_roi_specs, label_codes, roi_mask
 from brainrobust.errors import ConfigError, DataError
 from brainrobust.files import stable_hash
@@ -39,20 +52,18 @@ HEMIS = ("lh", "rh")
 SPLITS = ("train", "test")
 _IMAGE_NAME = re.compile(r"(train|test)-(\d+)_nsd-(\d+)\.png")
 _CACHE_VERSION = 1
+ALGONAUTS_ROOT = "the Algonauts 2023 root (the folder holding subj01/ ... subj08/)"
 
-
-def _missing(path: Path) -> DataError:
-    return DataError(f"{path.name} not found under {path.parent}; set data.root=... to the "
-                     "Algonauts 2023 root (the folder holding subj01/ ... subj08/)")
+_missing = partial(missing, hint=ALGONAUTS_ROOT)
+_failed_read = partial(read_error, hint=ALGONAUTS_ROOT)
 
 
 def _load_npy(path: Path, **kwargs: Any) -> Any:
-    if not path.is_file():
-        raise _missing(path)
+    stat_file(path, ALGONAUTS_ROOT)
     try:
         return np.load(path, **kwargs)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise DataError(f"cannot read {path} ({exc}); re-download it") from None
+        raise _failed_read(path, exc) from None
 
 
 def _image_index(directory: Path, kind: str) -> dict[int, Path]:
@@ -90,15 +101,10 @@ class AlgonautsLoader:
 
     def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  image_size: int | None = None, test_fraction: float = 0.1, seed: int = 0):
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise DataError(f"Algonauts root {self.root} not found; set data.root=... to the "
-                            "folder holding subj01/ ... subj08/")
+        self.image_size = check_image_size(image_size)
+        self.root = check_root(Path(root).expanduser(), "Algonauts", ALGONAUTS_ROOT)
         if not 0 < test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        if image_size is not None and int(image_size) < 1:
-            raise ConfigError(f"data.image_size must be a positive int or null, got {image_size}")
-        self.image_size = None if image_size is None else int(image_size)
         self.test_fraction = float(test_fraction)
         self.seed = int(seed)
         self.cache = ArrayCache(Path(cache_dir) / "algonauts" if cache_dir is not None else None)
@@ -115,7 +121,8 @@ class AlgonautsLoader:
     @property
     def subjects(self) -> list[int]:
         """Subjects (1..8) with training fMRI present."""
-        return [s for s in range(1, N_SUBJECTS + 1) if self._fmri_path(s, "lh").is_file()]
+        # lexists: a broken link there is a subject whose file must be reported, not skipped.
+        return [s for s in range(1, N_SUBJECTS + 1) if os.path.lexists(self._fmri_path(s, "lh"))]
 
     def _check_subject(self, subject: Any) -> int:
         s = check_subject(subject, f"training fMRI present for {self.subjects}")
@@ -145,6 +152,11 @@ class AlgonautsLoader:
             if len(common) < 2:
                 raise DataError(f"subjects {subjects} share {len(common)} training images under "
                                 f"{self.root}; the test split needs at least 2")
+            if len(subjects) < N_SUBJECTS:
+                log.warning("only subjects %s are under %s: the test split is a hold-out of the "
+                            "images they share, not of those all %d subjects of the release "
+                            "share, and it changes when subjects are added", subjects, self.root,
+                            N_SUBJECTS)
             n = min(len(common) - 1, max(1, round(self.test_fraction * len(common))))
             pick = np.random.default_rng(self.seed).choice(np.sort(common), n, replace=False)
             self._test_ids = np.sort(pick).astype(np.int64)
@@ -234,24 +246,22 @@ class AlgonautsLoader:
     def _columns(self, subject: int, fmri: dict[str, np.ndarray],
                  columns: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """(images, len(columns)) responses of the given global columns and dropped positions."""
-        paths = [self._fmri_path(subject, h) for h in HEMIS]
         key = {
             "version": _CACHE_VERSION, "root": str(self.root.resolve()), "subject": subject,
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths],
+            "files": [stat_key(self._fmri_path(subject, h), ALGONAUTS_ROOT) for h in HEMIS],
             "columns": hashlib.sha256(columns.astype(np.int64).tobytes()).hexdigest(),
         }
-        name = f"subj{subject:02d}-fmri-{stable_hash(key)}"
-        hit = self.cache.get(name, key)
-        if hit is not None:
-            return hit[0], hit[1]["dropped"]
-        n_lh = fmri["lh"].shape[1]
-        data = np.concatenate([fmri["lh"][:, columns[columns < n_lh]],
-                               fmri["rh"][:, columns[columns >= n_lh] - n_lh]], axis=1)
-        bad = ~np.isfinite(data).all(axis=0) | (data == 0).all(axis=0)
-        data[:, bad] = 0.0
-        dropped = np.flatnonzero(bad).tolist()
-        self.cache.put(name, key, data, {"dropped": dropped})
-        return data, dropped
+
+        def extract() -> tuple[np.ndarray, dict]:
+            n_lh = fmri["lh"].shape[1]
+            data = np.concatenate([fmri["lh"][:, columns[columns < n_lh]],
+                                   fmri["rh"][:, columns[columns >= n_lh] - n_lh]], axis=1)
+            bad = ~np.isfinite(data).all(axis=0) | (data == 0).all(axis=0)
+            data[:, bad] = 0.0
+            return data, {"dropped": np.flatnonzero(bad).tolist()}
+
+        data, meta = self.cache.fetch(f"subj{subject:02d}-fmri-{stable_hash(key)}", key, extract)
+        return data, meta["dropped"]
 
     def _image_paths(self) -> dict[int, Path]:
         if self._paths is None:
@@ -273,7 +283,7 @@ class AlgonautsLoader:
             if int(i) not in paths:
                 raise DataError(f"no image nsd-{int(i):05d} under {self.root}/subj*/"
                                 "{training_split/training_images,test_split/test_images}")
-            image = Image.open(paths[int(i)]).convert("RGB")
+            image = _read_image(paths[int(i)])
             if self.image_size and image.size != (self.image_size, self.image_size):
                 image = image.resize((self.image_size, self.image_size), Image.LANCZOS)
             out.append(np.asarray(image))
@@ -282,10 +292,45 @@ class AlgonautsLoader:
         size = self.image_size or (out[0].shape[0] if out else 0)
         return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
+    @cached_property
+    def _image_stats(self) -> list[list[Any]]:
+        """[relative path, size, mtime, ctime] of every image file `images` may read."""
+        return sorted([path.relative_to(self.root).as_posix(),
+                       *stat_key(path, ALGONAUTS_ROOT)[1:]] for path in self._image_paths().values())
+
     @property
     def image_source_id(self) -> str:
-        """Identity of the images `images` returns: image folders, file counts, image_size."""
-        folders = [self._dir(s) / sub for s in self.subjects
-                   for sub in ("training_split/training_images", "test_split/test_images")]
-        state = [[str(f), len(os.listdir(f)), f.stat().st_mtime_ns] for f in folders if f.is_dir()]
-        return f"algonauts:{self.root.resolve()}:{stable_hash(state)}:{self.image_size}"
+        """Identity of the images `images` returns, for the per-machine feature cache: the root
+        and every image file's size, mtime and ctime, and image_size."""
+        return f"algonauts:{self.root.resolve()}:{stable_hash(self._image_stats)}:{self.image_size}"
+
+    def fingerprint(self, subject: int, rois: ROISpec | str | Sequence[ROISpec | str]) -> str:
+        """Digest of everything a load of `subject`'s `rois` reads, without the root's path.
+
+        Covers the subject's fMRI files, ROI masks and label mappings by content (see
+        `datafiles.file_digest`), the test split (it depends on every subject present) and the
+        image files by name, size and mtime: hashing the 73k PNGs of the release on every run
+        would cost more than the run's data loading.
+        """
+        subject = self._check_subject(subject)
+        folder = self._dir(subject) / "roi_masks"
+        files = [self._fmri_path(subject, h) for h in HEMIS]
+        for spec in as_roi_specs(rois):
+            files += [folder / f"{h}.{spec.file}_challenge_space.npy"
+                      for h in (HEMIS if spec.hemi == "both" else (spec.hemi,))]
+            files.append(folder / f"mapping_{spec.file}.npy")
+        return stable_hash({
+            "layout": "algonauts", "subjects": self.subjects,
+            "test_ids": hashlib.sha256(self.test_ids().tobytes()).hexdigest(),
+            "files": digests(self.root, sorted(set(files)), ALGONAUTS_ROOT),
+            "images": stable_hash([stats[:3] for stats in self._image_stats]),
+        }, length=32)
+
+
+def _read_image(path: Path) -> Image.Image:
+    stat_file(path, ALGONAUTS_ROOT)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as exc:
+        raise _failed_read(path, exc, damaged="not an image") from None

@@ -17,20 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from brainrobust.data.datafiles import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
+from brainrobust.data.layouts import LOADERS, data_fingerprint, open_loader
 from brainrobust.data.rois import ROISpec
 from brainrobust.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-LOADERS = {
-    "nsd": "brainrobust.data.nsd:NSDLoader",
-    "algonauts": "brainrobust.data.algonauts:AlgonautsLoader",
-}
-
-
-def _import(path: str) -> Any:
-    module, name = path.split(":")
-    return getattr(__import__(module, fromlist=[name]), name)
 
 
 class BrainDataModule(L.LightningDataModule):
@@ -58,7 +50,7 @@ class BrainDataModule(L.LightningDataModule):
         if not self.roi_specs:
             raise ConfigError("no ROI selected; pass roi=FFA (or roi=[FFA,PPA])")
         self.layout = layout
-        self.image_size = image_size
+        self.image_size = check_image_size(image_size)
         self.cache_dir = cache_dir
         self.synthetic = dict(synthetic) if synthetic else None
         self.batch_size = batch_size
@@ -75,12 +67,18 @@ class BrainDataModule(L.LightningDataModule):
 
             ensure_synthetic_nsd(self.root, **self.synthetic)
 
+    def fingerprint(self) -> str:
+        """Digest of the content of every file this subject's run reads (writing the synthetic
+        twin first if needed), without their paths: a run's results key includes it, so
+        changed data is never hidden behind a finished run."""
+        return data_fingerprint(self.layout, self.root, self.subject, self.roi_specs,
+                                self.synthetic, self.loader_kwargs)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        self.loader = _import(LOADERS[self.layout])(
-            self.root, cache_dir=self.cache_dir, image_size=self.image_size, **self.loader_kwargs
-        )
+        self.loader = open_loader(self.layout, self.root, cache_dir=self.cache_dir,
+                                  image_size=self.image_size, **self.loader_kwargs)
         self.train = self.loader.load(self.subject, self.roi_specs, "train")
         self.test = self.loader.load(self.subject, self.roi_specs, "test")
         log.info("subject %d: %d train / %d test images, %d voxels (%s)", self.subject,
@@ -97,7 +95,13 @@ class BrainDataModule(L.LightningDataModule):
 
     def image_tensor(self, split: str) -> torch.Tensor:
         if split not in self._tensors:
-            self._tensors[split] = to_float_images(self.images(split))
+            images = self.images(split)
+            size = images.shape[1]
+            if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+                raise ConfigError(f"the stimuli under {self.root} are {size} px, outside "
+                                  f"{MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE}; set data.image_size=224 "
+                                  "to resize them")
+            self._tensors[split] = to_float_images(images)
         return self._tensors[split]
 
     @property

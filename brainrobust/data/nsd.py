@@ -1,48 +1,47 @@
 """Loader of the real Natural Scenes Dataset layout (see shared/reference/nsd-layout.md).
 
-What it reads, under the dataset root:
-  nsddata/experiments/nsd/nsd_expdesign.mat            design; every index in it is 1-based
-  nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5         imgBrick uint8 (73000, 425, 425, 3)
-  nsddata_betas/ppdata/subjXX/func1pt8mm/betas_fithrf_GLMdenoise_RR/
-      betas_sessionNN.hdf5                             betas int16 (750, Z, Y, X), PSC x 300
-      ncsnr.nii.gz                                     float (X, Y, Z), optional
-  nsddata/ppdata/subjXX/func1pt8mm/roi/[lh.|rh.]floc-*.nii.gz   label codes (X, Y, Z)
-  nsddata/freesurfer/subjXX/label/floc-*.mgz.ctab      '<code> <name>' per line
-
-Only the bounding boxes of the requested ROIs are read from each session file; the per-trial
-z-scored ROI betas are cached so that later loads (either split, any ROI subset with the same
-voxel set) never touch the beta files again.
+Which files it reads, and how they are checked and fingerprinted, is `brainrobust.data.nsd_files`
+(its names are importable from here too). Only the bounding boxes of the requested ROIs are
+read from each session file; the per-trial z-scored ROI betas are cached so that later loads
+(either split, any ROI subset with the same voxel set) never touch the beta files again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import re
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import h5py
-import nibabel as nib
 import numpy as np
-import scipy.io
-from nibabel.filebasedimages import ImageFileError
 from PIL import Image
-from scipy.io.matlab import MatReadError
 
+from brainrobust.cache import ArrayCache
+from brainrobust.data.datafiles import check_image_size, is_file, stat_file, stat_key
+
+# Re-exported: brainrobust.fetch and the tests take the layout's names from this module.
+from brainrobust.data.nsd_files import (  # noqa: F401
+    N_SUBJECTS,
+    NSD_ROOT,
+    TRIALS_PER_SESSION,
+    Design,
+    NSDLayout,
+    _failed_read,
+    _h5_dataset,
+    _open_h5,
+    _read_nifti,
+    check_subject,
+    read_design,
+)
 from brainrobust.data.rois import ROISpec, as_roi_specs, label_codes, read_ctab, roi_mask
-from brainrobust.errors import CacheError, ConfigError, DataError
-from brainrobust.files import atomic_path, stable_hash, write_json
+from brainrobust.errors import ConfigError, DataError
+from brainrobust.files import stable_hash
 
 log = logging.getLogger(__name__)
 
-TRIALS_PER_SESSION = 750
-N_SUBJECTS = 8
 BETA_SCALE = 300.0  # int16 betas are percent signal change x 300
 SPLITS = ("train", "test")
 _CACHE_VERSION = 1
@@ -71,77 +70,6 @@ class SplitData:
     n_dropped: int
 
 
-@dataclass(frozen=True)
-class Design:
-    """The experiment design with 1-based MATLAB indices kept as stored."""
-
-    masterordering: np.ndarray  # (T,) 1-based index into a subject's images
-    subjectim: np.ndarray  # (8, N) 1-based 73k ids
-    sharedix: np.ndarray  # (n_shared,) 1-based 73k ids
-
-    @property
-    def n_planned_sessions(self) -> int:
-        return len(self.masterordering) // TRIALS_PER_SESSION
-
-    def trial_ids(self, subject: int, n_sessions: int) -> np.ndarray:
-        """0-based 73k id shown on each trial of the subject's first `n_sessions` sessions."""
-        order = self.masterordering[: n_sessions * TRIALS_PER_SESSION]
-        return (self.subjectim[subject - 1, order - 1] - 1).astype(np.int64)
-
-
-def read_design(path: Path) -> Design:
-    """Read and check nsd_expdesign.mat."""
-    if not path.is_file():
-        raise _missing(path)
-    try:
-        mat = scipy.io.loadmat(path)
-    except (OSError, ValueError, TypeError, MatReadError) as exc:
-        raise DataError(f"cannot read {path} ({exc}); re-download it") from None
-    missing = [k for k in ("masterordering", "subjectim", "sharedix") if k not in mat]
-    if missing:
-        raise DataError(f"{path} lacks key {missing[0]!r} (expects masterordering, subjectim, "
-                        "sharedix); re-download it")
-    order = np.asarray(mat["masterordering"]).astype(np.int64).ravel()
-    subjectim = np.asarray(mat["subjectim"]).astype(np.int64)
-    shared = np.asarray(mat["sharedix"]).astype(np.int64).ravel()
-    if subjectim.ndim != 2 or subjectim.shape[0] != N_SUBJECTS:
-        raise DataError(f"{path}: subjectim has shape {subjectim.shape}, expected (8, 10000)")
-    if len(order) % TRIALS_PER_SESSION or order.min() < 1 or order.max() > subjectim.shape[1]:
-        raise DataError(f"{path}: masterordering must hold 750 x sessions 1-based indices into "
-                        f"subjectim's {subjectim.shape[1]} columns; re-download it")
-    if subjectim.min() < 1 or not np.all(subjectim[:, : len(shared)] == shared):
-        raise DataError(f"{path}: subjectim's first {len(shared)} columns differ from sharedix "
-                        "(or hold ids < 1); re-download it")
-    return Design(order, subjectim, shared)
-
-
-def _missing(path: Path) -> DataError:
-    return DataError(f"{path.name} not found under {path.parent}; set data.root=... to the NSD "
-                     "root (the folder holding nsddata/, nsddata_betas/, nsddata_stimuli/)")
-
-
-def _open_h5(path: Path) -> h5py.File:
-    """Open an HDF5 file read-only; every beta/stimulus read goes through here."""
-    if not path.is_file():
-        raise _missing(path)
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        reason = str(exc).splitlines()[0]
-        raise DataError(f"cannot open {path} ({reason}): truncated or not HDF5; "
-                        "re-download it") from None
-
-
-def _h5_dataset(f: h5py.File, path: Path, name: str, dtype: str, expected: str) -> h5py.Dataset:
-    ds = f.get(name)
-    if not isinstance(ds, h5py.Dataset):
-        raise DataError(f"{path} has no dataset {name!r} (found {sorted(f.keys())}); expected "
-                        f"{name!r} {dtype} {expected}")
-    if ds.dtype != np.dtype(dtype):
-        raise DataError(f"{path}: dataset {name!r} is {ds.dtype}, expected {dtype} {expected}")
-    return ds
-
-
 def _box_source(ds: h5py.Dataset, path: Path) -> np.ndarray | h5py.Dataset:
     """What to slice boxes from: a memory map for contiguous uncompressed data (the NSD
     release), which reads a box ~4x faster than an HDF5 hyperslab; else the dataset itself."""
@@ -149,60 +77,6 @@ def _box_source(ds: h5py.Dataset, path: Path) -> np.ndarray | h5py.Dataset:
     if ds.chunks is not None or offset is None:
         return ds
     return np.memmap(path, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
-
-
-def _read_nifti(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise _missing(path)
-    try:
-        data = np.asanyarray(nib.load(path).dataobj)
-    except (OSError, ValueError, EOFError, ImageFileError, zlib.error) as exc:
-        raise DataError(f"cannot read {path} ({exc}); re-download it") from None
-    if data.ndim != 3:
-        raise DataError(f"{path} has shape {data.shape}, expected a 3-D (X, Y, Z) volume")
-    return data
-
-
-class ArrayCache:
-    """Arrays extracted from a dataset, stored as <name>.npy plus <name>.json.
-
-    The json is written last and holds the key, shape, dtype and byte size, so an entry whose
-    key differs or whose .npy is truncated or damaged is rebuilt, never trusted.
-    """
-
-    def __init__(self, directory: str | os.PathLike | None):
-        self.dir = Path(directory) if directory is not None else None
-
-    def get(self, name: str, key: dict[str, Any]) -> tuple[np.ndarray, dict] | None:
-        """(read-only memory-mapped array, meta) for a valid entry, else None."""
-        if self.dir is None or not (self.dir / f"{name}.json").exists():
-            return None
-        npy = self.dir / f"{name}.npy"
-        try:
-            record = json.loads((self.dir / f"{name}.json").read_text())
-            if record["key"] != json.loads(json.dumps(key, default=str)):
-                raise CacheError("key differs")
-            if npy.stat().st_size != record["nbytes"]:
-                raise CacheError("size differs")
-            array = np.load(npy, mmap_mode="r")
-            if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"]:
-                raise CacheError("shape or dtype differs")
-        except (OSError, ValueError, KeyError, TypeError, CacheError) as exc:
-            log.warning("cache entry %s unusable (%s); rebuilding it", self.dir / name, exc)
-            return None
-        return array, record["meta"]
-
-    def put(self, name: str, key: dict[str, Any], array: np.ndarray, meta: dict) -> None:
-        if self.dir is None:
-            return
-        npy = self.dir / f"{name}.npy"
-        with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array))
-        write_json(self.dir / f"{name}.json", {
-            "key": key, "shape": list(array.shape), "dtype": str(array.dtype),
-            "nbytes": npy.stat().st_size, "meta": meta,
-        })
-
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 (n, H, W, 3) -> (n, size, size, 3), antialiased (PIL Lanczos)."""
@@ -320,110 +194,25 @@ def _roi_columns(masks: dict[str, np.ndarray], flat: np.ndarray, valid: np.ndarr
     return out
 
 
-def check_subject(subject: Any, present: str) -> int:
-    """`subject` as an int 1-8, else a ConfigError that says which subjects have data."""
-    try:
-        s = int(subject)
-    except (TypeError, ValueError):
-        s = -1
-    if s != subject or not 1 <= s <= N_SUBJECTS:
-        raise ConfigError(f"unknown subject {subject!r}; valid: 1-{N_SUBJECTS} ({present})")
-    return s
-
-
-class NSDLoader:
+class NSDLoader(NSDLayout):
     """Images, per-subject ROI responses and noise ceilings from the real NSD layout.
 
     Parameters
     ----------
-    root : path
-        Dataset root holding nsddata/, nsddata_betas/ and nsddata_stimuli/.
+    root, sessions_fallback
+        As for `NSDLayout`.
     cache_dir : path, optional
         Where extracted per-trial z-scored ROI betas are cached; None disables caching.
     image_size : int, optional
         Size S of the square images returned by `images`; None keeps the file's size.
-    sessions_fallback : 8 ints
-        Completed sessions assumed for subjects without beta files when computing the
-        test set (the real counts by default).
     """
 
     def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                 image_size: int | None = None,
-                 sessions_fallback: Sequence[int] = (40, 40, 32, 30, 40, 32, 40, 30)):
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise DataError(f"NSD root {self.root} not found; set data.root=... to the folder "
-                            "holding nsddata/, nsddata_betas/, nsddata_stimuli/")
-        if image_size is not None and int(image_size) < 1:
-            raise ConfigError(f"data.image_size must be a positive int or null, got {image_size}")
-        if len(sessions_fallback) != N_SUBJECTS:
-            raise ConfigError(f"sessions_fallback needs {N_SUBJECTS} counts, got "
-                              f"{list(sessions_fallback)}")
-        self.image_size = None if image_size is None else int(image_size)
-        self.sessions_fallback = tuple(int(n) for n in sessions_fallback)
+                 image_size: int | None = None, sessions_fallback: Sequence[int] | None = None):
+        self.image_size = check_image_size(image_size)
+        super().__init__(root, sessions_fallback)
         self.cache = ArrayCache(Path(cache_dir) / "nsd" if cache_dir is not None else None)
-        self._design: Design | None = None
         self._test_ids: np.ndarray | None = None
-
-    # ---- paths -------------------------------------------------------------------------
-    @property
-    def design_path(self) -> Path:
-        return self.root / "nsddata/experiments/nsd/nsd_expdesign.mat"
-
-    @property
-    def stimuli_path(self) -> Path:
-        return self.root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
-
-    def betas_dir(self, subject: int) -> Path:
-        return (self.root / f"nsddata_betas/ppdata/subj{subject:02d}/func1pt8mm"
-                / "betas_fithrf_GLMdenoise_RR")
-
-    def roi_path(self, subject: int, stem: str) -> Path:
-        return self.root / f"nsddata/ppdata/subj{subject:02d}/func1pt8mm/roi/{stem}.nii.gz"
-
-    def ctab_path(self, subject: int, file: str) -> Path:
-        return self.root / f"nsddata/freesurfer/subj{subject:02d}/label/{file}.mgz.ctab"
-
-    # ---- design --------------------------------------------------------------------------
-    @property
-    def design(self) -> Design:
-        if self._design is None:
-            self._design = read_design(self.design_path)
-        return self._design
-
-    @property
-    def subjects(self) -> list[int]:
-        """Subjects (1..8) with beta files present."""
-        return [s for s in range(1, N_SUBJECTS + 1) if self._session_numbers(s)]
-
-    def _session_numbers(self, subject: int) -> list[int]:
-        directory = self.betas_dir(subject)
-        if not directory.is_dir():
-            return []
-        found = (re.fullmatch(r"betas_session(\d\d)\.hdf5", p.name) for p in directory.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
-
-    def _session_files(self, subject: int) -> list[Path]:
-        numbers = self._session_numbers(subject)
-        directory = self.betas_dir(subject)
-        if not numbers:
-            raise DataError(f"betas_session01.hdf5 not found under {directory}; set data.root=... "
-                            f"(subjects with beta files: {self.subjects})")
-        gap = next((n for n in range(1, numbers[-1] + 1) if n not in numbers), None)
-        if gap is not None:
-            raise DataError(f"betas_session{gap:02d}.hdf5 not found under {directory} although "
-                            f"later sessions exist; re-download it")
-        if len(numbers) > self.design.n_planned_sessions:
-            raise DataError(f"{directory} holds {len(numbers)} sessions but the design in "
-                            f"{self.design_path} plans {self.design.n_planned_sessions}")
-        return [directory / f"betas_session{n:02d}.hdf5" for n in numbers]
-
-    def n_sessions(self, subject: int) -> int:
-        """Completed sessions of a subject, counted from the beta files present."""
-        return len(self._session_files(self._check_subject(subject)))
-
-    def _check_subject(self, subject: Any) -> int:
-        return check_subject(subject, f"beta files present for {self.subjects}")
 
     def test_ids(self) -> np.ndarray:
         """Sorted 0-based 73k ids of the shared images every subject saw exactly 3 times."""
@@ -523,8 +312,7 @@ class NSDLoader:
                 raise DataError(f"{path} has grid {volume.shape} but {first} has {grid}; "
                                 "all ROI files must be the subject's func1pt8mm grid")
             ctab = self.ctab_path(subject, spec.file)
-            if not ctab.is_file():
-                raise _missing(ctab)
+            stat_file(ctab, NSD_ROOT)
             mask = roi_mask(volume, label_codes(spec, read_ctab(ctab), ctab))
             if not mask.any():
                 raise DataError(f"ROI {spec.name!r} is empty for subject {subject}: no voxel of "
@@ -534,7 +322,7 @@ class NSDLoader:
 
     def _ncsnr_file(self, subject: int, grid_zyx: tuple, flat: np.ndarray) -> np.ndarray | None:
         path = self.betas_dir(subject) / "ncsnr.nii.gz"
-        if not path.is_file():
+        if not is_file(path, NSD_ROOT):
             return None
         volume = _read_nifti(path)
         if volume.shape != grid_zyx[::-1]:
@@ -547,19 +335,21 @@ class NSDLoader:
         """Per-trial betas of the voxels `flat`, z-scored per session, and a validity mask."""
         key = {
             "version": _CACHE_VERSION, "root": str(self.root.resolve()), "subject": subject,
-            "grid_zyx": list(grid_zyx),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+            "grid_zyx": list(grid_zyx), "files": [stat_key(p, NSD_ROOT) for p in files],
             "voxels": hashlib.sha256(flat.astype(np.int64).tobytes()).hexdigest(),
             "n_voxels": len(flat),
         }
-        name = f"subj{subject:02d}-betas-{stable_hash(key)}"
-        hit = self.cache.get(name, key)
-        if hit is not None:
-            trials, meta = hit
-            valid = np.ones(len(flat), bool)
-            valid[meta["dropped"]] = False
-            return trials, valid
+        trials, meta = self.cache.fetch(
+            f"subj{subject:02d}-betas-{stable_hash(key)}", key,
+            lambda: self._read_trial_betas(files, flat, grid_zyx, grid_file))
+        valid = np.ones(len(flat), bool)
+        valid[meta["dropped"]] = False
+        return trials, valid
 
+    def _read_trial_betas(self, files: list[Path], flat: np.ndarray, grid_zyx: tuple,
+                          grid_file: Path) -> tuple[np.ndarray, dict]:
+        """The per-session z-scored betas of `_trial_betas`, read from the session files, and
+        the columns to drop (all-zero, constant or non-finite in some session)."""
         zyx = np.stack(np.unravel_index(flat, grid_zyx), axis=1)
         boxes = read_boxes(zyx)
         expected = (TRIALS_PER_SESSION, *grid_zyx)
@@ -585,16 +375,14 @@ class NSDLoader:
                         local = zyx[idx] - lo
                         raw[:, idx] = block[:, local[:, 0], local[:, 1], local[:, 2]]
                 except (OSError, ValueError) as exc:
-                    raise DataError(f"cannot read {path} ({str(exc).splitlines()[0]}): "
-                                    "truncated or damaged; re-download it") from None
+                    raise _failed_read(path, exc) from None
                 del source
             z = zscore_sessions(raw / BETA_SCALE)
             ok = np.isfinite(z).all(axis=0)
             valid &= ok
             z[:, ~ok] = 0.0
             trials[k * TRIALS_PER_SESSION:(k + 1) * TRIALS_PER_SESSION] = z
-        self.cache.put(name, key, trials, {"dropped": np.flatnonzero(~valid).tolist()})
-        return trials, valid
+        return trials, {"dropped": np.flatnonzero(~valid).tolist()}
 
     # ---- images ------------------------------------------------------------------------
     def images(self, ids: np.ndarray) -> np.ndarray:
@@ -620,9 +408,8 @@ class NSDLoader:
 
     @property
     def image_source_id(self) -> str:
-        """Identity of the images `images` returns: stimuli file, size, mtime and image_size."""
+        """Identity of the images `images` returns, for the per-machine feature cache: the
+        stimuli file (path, size, mtime, ctime) and image_size."""
         path = self.stimuli_path
-        if not path.is_file():
-            raise _missing(path)
-        st = path.stat()
-        return f"nsd:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{self.image_size}"
+        _, size, mtime, ctime = stat_key(path, NSD_ROOT)
+        return f"nsd:{path.resolve()}:{size}:{mtime}:{ctime}:{self.image_size}"

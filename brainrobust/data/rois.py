@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainrobust.data.datafiles import unreadable
 from brainrobust.errors import ConfigError, DataError
 
 HEMIS = ("both", "lh", "rh")
@@ -112,8 +113,10 @@ def read_ctab(path: str | os.PathLike) -> dict[str, int]:
     path = Path(path)
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        raise DataError(f"label table {path} not found; set data.root=... to the NSD root") from None
+    except OSError as err:
+        raise unreadable(path, err, "the NSD root") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text label table; re-download it") from None
     table: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         fields = line.split()

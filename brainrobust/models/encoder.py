@@ -82,12 +82,9 @@ class BrainEncoder(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         pred = torch.cat(self._test_pred).numpy()
         true = torch.cat(self._test_true).numpy()
+        # Every DDP rank sees the whole test split (no distributed sampler): no sync needed.
         self.predictivity = predictivity_table(pred, true, self.rois, self.noise_ceiling,
                                                self.roi_noise_ceiling)
-        roi_rows = self.predictivity[self.predictivity.metric == "r_roi_mean"]
-        for row in roi_rows.itertuples():
-            # Every DDP rank sees the whole test split (no distributed sampler): no sync needed.
-            self.log(f"test/r_{row.roi}", float(row.value), rank_zero_only=True)
 
 
 def predictivity_table(
@@ -107,6 +104,7 @@ def predictivity_table(
         idx = idx.numpy()
         r_mean = float(pearson_r(true[:, idx].mean(1, keepdims=True), pred[:, idx].mean(1, keepdims=True))[0])
         rows.append({"roi": roi, "voxel": -1, "metric": "r_roi_mean", "value": r_mean})
+        rows.append({"roi": roi, "voxel": -1, "metric": "n_images", "value": float(len(true))})
         nc = roi_noise_ceiling.get(roi)
         if nc is not None and np.isfinite(nc) and nc > 0:
             rows.append({"roi": roi, "voxel": -1, "metric": "r_roi_mean_nc", "value": r_mean / np.sqrt(nc / 100)})

@@ -5,7 +5,9 @@ the key, shape and the .npy checksum. The digest hashes everything the numbers d
 (model, weights identity, layer, pooling, projection, input size, mean/std, resize
 arithmetic, image set and ids), so an entry made with other preprocessing is never found,
 let alone reused; sweep jobs, subjects and ROIs asking for the same thing share one entry.
-An entry whose sidecar, checksum, shape or dtype disagrees is logged and rebuilt.
+An entry whose sidecar, checksum, shape or dtype disagrees is logged and rebuilt. Jobs that ask
+for a missing entry at once compute it once: the first holds the entry's lock file, in
+<cache_dir>/.locks/, while the others wait and then read it (`brainrobust.cache.cached`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
+from brainrobust.cache import cached
 from brainrobust.errors import CacheError, ConfigError, DataError
 from brainrobust.files import atomic_path, sha256_file, stable_hash, write_json
 from brainrobust.models.layers import LayerFeatures, Preprocess
@@ -36,6 +40,16 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 ImageSource = np.ndarray | Tensor | Dataset | Callable[[int], Any]
+
+
+@contextmanager
+def lightning_notices_off() -> Iterator[None]:
+    """Two Lightning notices that do not apply to this project's loops: the worker hint (the
+    images are in memory) and Lightning 2.6 calling a pytree API that torch 2.14 deprecates."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
+        yield
 
 
 def build_feature_model(
@@ -200,26 +214,24 @@ def _predict(
     accelerator: str,
     devices: int | list[int],
     progress_bar: bool,
+    trainer: L.Trainer | None,
 ) -> np.ndarray:
     sampler = BatchSampler(
         SequentialSampler(range(n_images)), batch_size=batch_size, drop_last=False
     )
     # Images are already in memory: worker processes would only add start-up and copies.
     loader = DataLoader(_Batches(images), sampler=sampler, batch_size=None, num_workers=0)
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress_bar,
-    )
+    if trainer is None:
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress_bar,
+        )
     home = next(chain(layer_module.parameters(), layer_module.buffers())).device
-    with warnings.catch_warnings():
-        # Two notices that do not apply: the worker hint (the images are in memory) and
-        # Lightning 2.6 calling a pytree API that torch 2.14 deprecates.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
+    with lightning_notices_off():
         outputs = trainer.predict(FeatureExtractor(layer_module), dataloaders=loader)
     layer_module.to(home)  # Lightning leaves the module on the accelerator
     return torch.cat(outputs).numpy().astype(np.float32, copy=False)
@@ -237,6 +249,7 @@ def extract_features(
     devices: int | list[int] = 1,
     weights_dir: str | os.PathLike | None = None,
     progress_bar: bool = True,
+    trainer: L.Trainer | None = None,
 ) -> np.ndarray:
     """Features (n, p) float32 of `images` under `layer_module`, from the cache when possible.
 
@@ -258,6 +271,9 @@ def extract_features(
     batch_size, accelerator, devices, progress_bar
         Passed to the DataLoader / Trainer ("auto" uses a GPU when present; devices=[i] picks
         GPU i, e.g. a DDP rank's own).
+    trainer
+        The run's own Trainer, used instead of building one from accelerator, devices and
+        progress_bar (a run then shows one device report and honours its progress-bar setting).
     weights_dir
         Where the weights were resolved from (for the weights identity in the key).
     """
@@ -266,14 +282,19 @@ def extract_features(
     digest = stable_hash(key)
     npy = Path(cache_dir) / spec.name / f"{digest}.npy"
     sidecar = npy.with_suffix(".json")
-    if sidecar.exists():
-        try:
-            return _load_entry(npy, sidecar, digest, len(ids))
-        except CacheError as err:
-            log.warning("feature cache entry %s unusable (%s); rebuilding it", npy, err)
-    features = _predict(layer_module, images, len(ids), batch_size, accelerator, devices,
-                        progress_bar)
-    if features.shape[0] != len(ids):
-        raise DataError(f"got features for {features.shape[0]} images, expected {len(ids)}")
-    _save_entry(npy, sidecar, key, digest, features)
-    return features
+
+    def load() -> np.ndarray | None:
+        return _load_entry(npy, sidecar, digest, len(ids)) if sidecar.exists() else None
+
+    def build() -> np.ndarray:
+        features = _predict(layer_module, images, len(ids), batch_size, accelerator, devices,
+                            progress_bar, trainer)
+        if features.shape[0] != len(ids):
+            raise DataError(f"got features for {features.shape[0]} images, expected {len(ids)}")
+        _save_entry(npy, sidecar, key, digest, features)
+        return features
+
+    # DDP ranks each compute the entry (Trainer.predict is collective): none may wait on a lock.
+    ranks = trainer is not None and trainer.world_size > 1
+    lock = None if ranks else Path(cache_dir) / ".locks" / f"{spec.name}-{digest}.lock"
+    return cached(lock, load, build, f"feature cache entry {npy}")

@@ -79,7 +79,9 @@ def fit_ridge(
         torch_cuda backend when `device` is a CUDA device, else numpy).
     cv : folds for "kfold" and "himalaya": an int (contiguous KFold) or a scikit-learn splitter.
     device : torch device of the computation.
-    backend_dtype : torch.float32 or torch.float64; eigendecompositions always run in float64.
+    backend_dtype : torch.float32 or torch.float64, the dtype of the design and of the scorers'
+        products; eigendecompositions and the products that carry the responses into the
+        weights always run in float64.
     n_targets_batch : voxels per batch (bounds memory); None fits all voxels at once.
 
     Returns
@@ -209,34 +211,42 @@ class _Eigenbasis:
     A^T A = diag(eigvals), decomposing X^T X (p <= n) or X X^T (n < p), whichever is smaller.
     The ridge solution for penalty a is basis @ (z / (eigvals + a)) with z = A^T y.
 
-    Directions whose eigenvalue is rounding noise of the Gram matrix are dropped (they carry no
-    signal and 1 / eigval would amplify their noise); at most n - 1 remain, centring having
-    removed one. `spans_samples` says the kept directions span all centred sample space, so
-    nothing of a centred y lies outside them.
+    Directions whose eigenvalue is below the rounding noise of a Gram matrix in X's dtype are
+    dropped (they carry no signal at that precision and 1 / eigval would amplify their noise);
+    at most n - 1 remain, centring having removed one. `spans_samples` says the kept directions
+    span all centred sample space, so nothing of a centred y lies outside them.
+
+    The Gram matrix, the basis and the products with the responses (`project`, `weights`) are
+    float64 whatever X's dtype: their rounding is amplified by up to cond(X) on its way into
+    the weights, and in float32 it moved weights by 1e-4 of their scale, differently for each
+    voxel batch size and CPU (BLAS kernels choose their summation order from the matrix shapes
+    and the instruction set). In float64 the weights are exact to far below their float32
+    rounding, so a fit does not depend on the batch size or the machine. Only the design and
+    `transform`, which feed the per-penalty products of the LOO and K-fold scores, are in X's
+    dtype.
     """
 
     def __init__(self, X: torch.Tensor):
         n, p = X.shape
         eps = torch.finfo(X.dtype).eps
-        gram = (X.T @ X) if p <= n else (X @ X.T)
+        X64 = X.double()
+        gram = (X64.T @ X64) if p <= n else (X64 @ X64.T)
         with _one_cpu_thread(gram.device):
-            eigvals, vecs = torch.linalg.eigh(gram.double())  # ascending
+            eigvals, vecs = torch.linalg.eigh(gram)  # ascending
         floor = eigvals[-1].clamp_min(0.0) * eps * math.sqrt(max(n, p))
         n_keep = min(int((eigvals > floor).sum()), n - 1)
         eigvals, vecs = eigvals[len(eigvals) - n_keep :], vecs[:, len(eigvals) - n_keep :]
-        if p <= n:
-            basis = vecs.to(X.dtype)
-        else:
-            basis = (X.T @ vecs.to(X.dtype)) / eigvals.sqrt().to(X.dtype)
+        basis64 = vecs if p <= n else (X64.T @ vecs) / eigvals.sqrt()
         self.eigvals = eigvals  # (k,) float64
-        self.basis = basis  # (p, k)
+        self.basis = basis64.to(X.dtype)  # (p, k)
         self.spans_samples = n_keep == n - 1
-        self._X = X
+        self._X64 = X64
+        self._basis64 = basis64
         self._design: torch.Tensor | None = None
 
     def project(self, Y: torch.Tensor) -> torch.Tensor:
-        """z = A^T Y, (k, b)."""
-        return self.basis.T @ (self._X.T @ Y)
+        """z = A^T Y, (k, b) float64."""
+        return self._basis64.T @ (self._X64.T @ Y.double())
 
     def transform(self, X_new: torch.Tensor) -> torch.Tensor:
         """Rotated features X_new @ basis, (m, k)."""
@@ -244,9 +254,9 @@ class _Eigenbasis:
 
     @property
     def design(self) -> torch.Tensor:
-        """A = X @ basis, computed once on first use."""
+        """A = X @ basis in the basis' dtype, computed once on first use."""
         if self._design is None:
-            self._design = self.transform(self._X)
+            self._design = (self._X64 @ self._basis64).to(self.basis.dtype)
         return self._design
 
     def coefs(self, z: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -255,11 +265,12 @@ class _Eigenbasis:
         return z * shrink.to(z.dtype)
 
     def weights(self, coefs: torch.Tensor) -> torch.Tensor:
-        return self.basis @ coefs
+        """basis @ coefs, (p, b) float64."""
+        return self._basis64 @ coefs
 
 
 # A scorer is built once per fit (it may precompute what does not depend on the voxels) and then
-# called per voxel batch: score(columns, z) -> (n_alphas, b) float64, higher is better.
+# called per voxel batch: score(columns, z float64) -> (n_alphas, b) float64, higher is better.
 # GCV and LOO split every residual into the part outside the kept directions (independent of the
 # penalty) and the in-span part a / (l + a) * (component): near interpolation (n < p, small a)
 # the usual "1 - leverage" and "y - fit" forms cancel to noise in float32, these do not.
@@ -282,11 +293,11 @@ def _gcv_scorer(
     denom = (resid_dof / n) ** 2
 
     def score(cols: slice, z: torch.Tensor) -> torch.Tensor:
-        z_sq = z.double().square()
+        z_sq = z.square()
         if eig.spans_samples:
             out_rss = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
         else:
-            y_sq = Y[:, cols].square().sum(0, dtype=torch.float64)
+            y_sq = Y[:, cols].double().square().sum(0)
             out_rss = (y_sq - (z_sq / lam).sum(0)).clamp_min(0.0)
         rss = out_rss[None, :] + in_span_gain @ z_sq
         return -(rss / n) / denom[:, None]
@@ -315,6 +326,7 @@ def _loo_scorer(
     in_span = (grid[None, :] / (lam * (lam + grid[None, :]))).to(A.dtype)  # (k, n_alphas)
 
     def score(cols: slice, z: torch.Tensor) -> torch.Tensor:
+        z = z.to(A.dtype)
         y_out = 0.0 if eig.spans_samples else Y[:, cols] - A @ (z / lam.to(z.dtype))
         out = torch.empty(len(grid), z.shape[1], dtype=torch.float64, device=z.device)
         for j in range(len(grid)):
@@ -347,7 +359,8 @@ def _kfold_scorer(
             z_fold = fold_eig.project(Ytr - y_mean)
             target = Y[val, cols] - y_mean
             for j in range(len(grid)):
-                residual = target - rotated_val @ fold_eig.coefs(z_fold, grid[j])
+                coefs = fold_eig.coefs(z_fold, grid[j]).to(rotated_val.dtype)
+                residual = target - rotated_val @ coefs
                 out[j] -= residual.square().sum(0, dtype=torch.float64)
         return out / n
 

@@ -5,14 +5,21 @@ cache (timm models), then a download only when `model.allow_download=true`. Pick
 checkpoints are read with `torch.load(weights_only=True)`, so a file cannot run code while it
 loads; MadryLab checkpoints load without the `robustness` package by keeping the
 `module.model.*` weights and dropping the attacker and normaliser copies.
+
+`python -m brainrobust fetch weights` fills the weights folder and records each file's sha256 in
+its lock file (`weights.lock.json`) on first download; no checksums are published for these
+checkpoints, so that first download is trusted and every later load is verified against it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import pickle
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,21 +28,67 @@ import torch
 from torch import nn
 
 from brainrobust.errors import WeightsError
-from brainrobust.files import atomic_path, sha256_file
-from brainrobust.models.zoo import ModelSpec
+from brainrobust.files import atomic_path, sha256_file, write_json
+from brainrobust.models.zoo import MODEL_DIR, ModelSpec
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR_ENV = "BRAINROBUST_WEIGHTS_DIR"
 MADRY_PREFIX = "module.model."
 # timm's hub repos carry the weights under this name; pytorch_model.bin on older repos.
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+LOCK_FILE = "weights.lock.json"
 _SHOWN_KEYS = 4
 
 
 def default_weights_dir() -> Path:
-    """$BRAINROBUST_WEIGHTS_DIR, else ~/.cache/brainrobust/weights."""
-    return Path(os.environ.get(WEIGHTS_DIR_ENV, Path.home() / ".cache" / "brainrobust" / "weights"))
+    """The folder runs read weights from unless told otherwise: `paths.weights_dir` of
+    conf/paths/default.yaml ($BRAINROBUST_WEIGHTS_DIR, else .cache/brainrobust/weights under
+    the working folder)."""
+    from omegaconf import OmegaConf
+
+    paths = OmegaConf.load(MODEL_DIR.parent / "paths" / "default.yaml")
+    return Path(OmegaConf.create({"paths": paths}).paths.weights_dir)
+
+
+def read_lock(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """File name -> {sha256, source, recorded} of the lock file in `folder` ({} if none)."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        return json.loads(path.read_text())["files"]
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise WeightsError(f"{path} is unreadable ({err}); restore it, or delete it to trust "
+                           "the files beside it anew") from None
+
+
+def record_lock(folder: str | os.PathLike, filename: str, sha256: str, source: str) -> None:
+    """Record a file's sha256 on its first download (trust on first use)."""
+    files = read_lock(folder)
+    files[filename] = {"sha256": sha256, "source": source,
+                       "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(Path(folder) / LOCK_FILE, {"files": files})
+
+
+def verify_locked(path: str | os.PathLike) -> str | None:
+    """The file's sha256 when its folder's lock file lists it, None when it does not.
+
+    Raises
+    ------
+    WeightsError
+        The file differs from what the lock file recorded on its first download.
+    """
+    path = Path(path)
+    entry = read_lock(path.parent).get(path.name)
+    if entry is None:
+        return None
+    actual = sha256_file(path)
+    if actual != entry["sha256"]:
+        raise WeightsError(
+            f"refused: {path} has sha256 {actual} but the lock file recorded {entry['sha256']} "
+            "on first download; delete it and fetch again if the source changed"
+        )
+    return actual
 
 
 def source_url(spec: ModelSpec) -> str | None:
@@ -85,8 +138,9 @@ def resolve_weights(
     if spec.allow_download:
         return _download(spec, local)
     raise WeightsError(
-        f"weights for {spec.name} not found: download {source_url(spec)} to {local} "
-        f"(or set model.weights=/path, or model.allow_download=true)"
+        f"weights for {spec.name} not found: run python -m brainrobust fetch weights {spec.name} "
+        f"--weights-dir {folder.absolute()} where there is network (or download "
+        f"{source_url(spec)} to {local}, set model.weights=/path, or model.allow_download=true)"
     )
 
 
@@ -101,6 +155,7 @@ def _download(spec: ModelSpec, local: Path) -> Path:
             torch.hub.download_url_to_file(spec.url, str(tmp), progress=True)
             # Checked before the rename, so a wrong file never lands in weights_dir.
             verify_sha256(tmp, spec.sha256, spec.name)
+        record_lock(local.parent, local.name, sha256_file(local), spec.url)
     except OSError as err:
         raise WeightsError(
             f"download of {source_url(spec)} failed ({err}); fetch it by hand to {local}"
@@ -121,6 +176,21 @@ def weights_identity(spec: ModelSpec, weights_dir: str | os.PathLike | None = No
         return f"random-init:{spec.arch}:seed={spec.seed}"
     stat = path.stat()
     return f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def weights_status(spec: ModelSpec, weights_dir: str | os.PathLike | None = None) -> str:
+    """What `python -m brainrobust models` shows: verified, not locked, CHANGED, missing or
+    random init. Reads (hashes) the file; never touches the network."""
+    if spec.filename is None and not spec.weights:
+        return "random init"
+    try:
+        path = resolve_weights(dataclasses.replace(spec, allow_download=False), weights_dir)
+    except WeightsError:
+        return "missing"
+    try:
+        return "verified" if verify_locked(path) else "not locked"
+    except WeightsError:
+        return "CHANGED"
 
 
 def verify_sha256(path: str | os.PathLike, expected: str | None, name: str) -> None:
@@ -287,6 +357,7 @@ def load_state_dict_into(
 
 def load_weights(model: nn.Module, path: str | os.PathLike, spec: ModelSpec) -> None:
     """Verify and load the weights file of `spec` (from `resolve_weights`) into `model`."""
+    verify_locked(path)
     # A configured MadryLab source must be in MadryLab format; a user's file may be any format.
     loader = (
         load_madry_state_dict

@@ -1,12 +1,16 @@
-"""Projected gradient ascent (PGD) on any per-sample objective, under an L2 or L-inf budget.
+"""Projected gradient ascent on any per-sample objective, under an L2 or L-inf budget.
 
     delta* = argmax_{||delta_i|| <= eps_i, x_i + delta_i in [0, 1]} objective(x + delta)_i
 
-Every sample carries its own budget eps_i, so a whole eps ladder runs as ONE batch (repeat the
-images with `expand_ladder`). The step loop never synchronises with the host: the best iterate
-per sample is kept with `torch.where`, and a Python branch never depends on data (the optional
-early stop is the one exception, documented on `PGDConfig`). Samples are independent because
-the encoder is in eval mode, so the gradient of `objective.sum()` is every sample's own gradient.
+Two methods share one step loop (`ascent.py`): PGD (fixed step) and Auto-PGD (Croce & Hein 2020:
+momentum, per-sample step halving at checkpoints, restart from the best point), the default
+attack (`conf/attack/apgd.yaml`). Every sample carries its own budget eps_i, so a whole eps ladder
+runs as ONE batch (repeat the images with `expand_ladder`). The step loop never synchronises with
+the host: the best iterate per sample is kept with `torch.where`, and a Python branch never
+depends on data (the optional early stop is the one exception, documented on `PGDConfig`).
+Samples are independent because the encoder is in eval mode, so the gradient of
+`objective.sum()` is every sample's own gradient. Each result carries a convergence report per
+sample: the gain over the last steps, the spread across restarts and a flag.
 """
 
 from __future__ import annotations
@@ -21,12 +25,38 @@ import torch
 from torch import Tensor
 
 from brainrobust.errors import BrainRobustError, ConfigError
+from brainrobust.probes.ascent import METHODS, Ascent, ascend
+from brainrobust.probes.geometry import (
+    NORMS,
+    TINY,
+    clamp_to_box,
+    norm_of,
+    project,
+    random_direction,
+)
 
-NORMS = ("l2", "linf")
+__all__ = [
+    "AMP_DTYPES",
+    "METHODS",
+    "NORMS",
+    "AttackResult",
+    "AttackRuntime",
+    "PGDConfig",
+    "clamp_to_box",
+    "expand_ladder",
+    "norm_of",
+    "pgd",
+    "pgd_config",
+    "project",
+    "random_perturbation",
+    "validate_eps",
+]
+
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Each method's step when none is configured, relative to eps: Madry's 2.5 / 20 for PGD, Croce &
+# Hein's 2 for Auto-PGD (which halves it where it is too long).
+DEFAULT_STEP_SIZE = {"pgd": 2.5 / 20, "apgd": 2.0}
 
-# Floor for norms that divide, so a zero delta or a zero baseline never divides by 0.
-_TINY = 1e-12
 # Bisection steps on log(scale) in random_perturbation: 2**-50 relative width is far below 1e-4.
 _BISECT_STEPS = 50
 
@@ -35,14 +65,17 @@ Objective = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class PGDConfig:
-    """How PGD searches; the budget (eps) is passed per call.
+    """How the attack searches; the budget (eps) is passed per call.
 
     Parameters
     ----------
+    method : "pgd" (fixed step) or "apgd" (Auto-PGD: momentum, step halving at checkpoints,
+        restart from the best point; the configured default, `conf/attack/apgd.yaml`).
     norm : "l2" or "linf".
     steps : gradient steps per restart (>= 1).
-    step_size : step length relative to eps (step = step_size * eps); 2.5 / steps is the Madry
-        convention.
+    step_size : step length relative to eps (step = step_size * eps); Auto-PGD's first step, which
+        it halves where progress stalls. None: the method's default (`DEFAULT_STEP_SIZE`: PGD
+        0.125 = 2.5 / 20, the Madry convention; Auto-PGD 2).
     random_start : start each restart at a random point of the ball (L2: Gaussian direction,
         radius uniform in [0, eps]; L-inf: uniform in the cube) instead of at delta = 0.
     restarts : independent runs; the best per sample is kept. > 1 needs random_start.
@@ -51,30 +84,51 @@ class PGDConfig:
         `min_gain` (relative) for `patience` steps. Checked on the host every `patience` steps,
         the only host sync of the step loop; off by default.
     patience, min_gain : the early-stop window (steps) and relative gain.
+    conv_window : the last fraction of the steps over which `conv_gain` is measured.
+    conv_gain_max, conv_spread_max : a result counts as converged when its best objective grew by
+        at most conv_gain_max (relative) over the last conv_window of the steps, and the restarts'
+        best values lie within conv_spread_max (relative) of each other (with one restart there
+        is no spread to judge: NaN, not counted against it). They judge, never change, the result.
     """
 
+    method: str = "pgd"
     norm: str = "l2"
     steps: int = 20
-    step_size: float = 2.5 / 20
+    step_size: float | None = None
     random_start: bool = True
     restarts: int = 1
     clamp: bool = True
     early_stop: bool = False
     patience: int = 5
     min_gain: float = 1e-4
+    conv_window: float = 0.25
+    conv_gain_max: float = 0.003
+    conv_spread_max: float = 0.01
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"attack.method must be one of {list(METHODS)}, got {self.method!r}")
         if self.norm not in NORMS:
             raise ConfigError(f"attack.norm must be one of {list(NORMS)}, got {self.norm!r}")
         _check_int("attack.steps", self.steps, 1)
         _check_int("attack.restarts", self.restarts, 1)
         _check_int("attack.patience", self.patience, 1)
+        if self.step_size is None:
+            object.__setattr__(self, "step_size", DEFAULT_STEP_SIZE[self.method])
         if not _is_real(self.step_size) or not self.step_size > 0 or math.isinf(self.step_size):
-            raise ConfigError(f"attack.step_size must be a finite number > 0 (relative to eps), "
-                              f"got {self.step_size!r}")
-        if not _is_real(self.min_gain) or not 0 <= self.min_gain < math.inf:
-            raise ConfigError(f"attack.min_gain must be a finite number >= 0, "
-                              f"got {self.min_gain!r}")
+            raise ConfigError(
+                f"attack.step_size must be a finite number > 0 (relative to eps), "
+                f"got {self.step_size!r}"
+            )
+        for name in ("min_gain", "conv_gain_max", "conv_spread_max"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value < math.inf:
+                raise ConfigError(f"attack.{name} must be a finite number >= 0, got {value!r}")
+        if not _is_real(self.conv_window) or not 0 < self.conv_window <= 1:
+            raise ConfigError(
+                f"attack.conv_window must be a fraction of the steps in (0, 1], "
+                f"got {self.conv_window!r}"
+            )
         if self.restarts > 1 and not self.random_start:
             raise ConfigError(f"attack.restarts={self.restarts} needs attack.random_start=true "
                               f"(restarts from delta = 0 are all the same run)")
@@ -136,12 +190,19 @@ class AttackResult:
     objective : (N,) objective at x + delta, dtype of x (re-evaluated without autocast).
     norm : (N,) achieved norm of delta in the attack's norm.
     steps_used : (N,) int64, gradient steps taken to reach the returned delta (0 = the start).
+    conv_gain : (N,) relative gain of the best objective over the last `conv_window` of the
+        steps, in the restart that won.
+    conv_spread : (N,) (best - worst) / |best| of the restarts' values; NaN with one restart.
+    converged : (N,) 1.0 where conv_gain and conv_spread are within the config's limits, else 0.0.
     """
 
     delta: Tensor
     objective: Tensor
     norm: Tensor
     steps_used: Tensor
+    conv_gain: Tensor
+    conv_spread: Tensor
+    converged: Tensor
 
 
 def pgd_config(attack: PGDConfig | Mapping[str, Any] | None, norm: str | None = None) -> PGDConfig:
@@ -194,31 +255,6 @@ def expand_ladder(x: Tensor, eps_ladder: Sequence[float]) -> tuple[Tensor, Tenso
     return x_rep, eps, index
 
 
-def norm_of(delta: Tensor, norm: str) -> Tensor:
-    """(N,) L2 or L-inf norm of each sample of `delta`."""
-    dims = tuple(range(1, delta.dim()))
-    if norm == "l2":
-        return torch.linalg.vector_norm(delta, dim=dims)
-    return delta.abs().amax(dim=dims)
-
-
-def project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
-    """Project each sample onto its ball ||delta_i|| <= eps_i (eps broadcastable to (N, 1, ...))."""
-    if norm == "linf":
-        return torch.maximum(torch.minimum(delta, eps), -eps)
-    length = torch.linalg.vector_norm(delta, dim=tuple(range(1, delta.dim())), keepdim=True)
-    return delta * (eps / length.clamp_min(_TINY)).clamp(max=1.0)
-
-
-def clamp_to_box(x: Tensor, delta: Tensor) -> Tensor:
-    """Clip delta so x + delta stays in [0, 1].
-
-    Clipping each component towards 0 (the interval [-x, 1 - x] contains 0) only shrinks it, so
-    a delta inside a ball, L2 or L-inf, stays inside it.
-    """
-    return torch.maximum(torch.minimum(delta, 1.0 - x), -x)
-
-
 def pgd(
     objective_fn: Objective,
     x: Tensor,
@@ -252,27 +288,31 @@ def pgd(
     fn = runtime.wrap(objective_fn)
     eps_b = eps.view(-1, *([1] * (x.dim() - 1)))
 
-    best: tuple[Tensor, Tensor, Tensor] | None = None
+    runs = []
     with torch.enable_grad():
         for _ in range(cfg.restarts):
-            delta, objective, steps = _ascend(fn, x, eps_b, cfg, generator, runtime)
+            run = ascend(fn, x, eps_b, cfg, generator, runtime)
             if runtime.amp_dtype is not None:
                 with torch.no_grad():
-                    objective = objective_fn(x + delta).to(x.dtype)
-            if best is None:
-                best = delta, objective, steps
-            else:
-                better = objective > best[1]
-                best = (torch.where(better.view_as(eps_b), delta, best[0]),
-                        torch.where(better, objective, best[1]),
-                        torch.where(better, steps, best[2]))
-    delta, objective, steps = best
-    if not torch.isfinite(objective).all():
-        bad = int((~torch.isfinite(objective)).sum())
-        raise BrainRobustError(f"the objective was NaN or inf at every iterate for {bad} of "
-                               f"{len(objective)} images; check the encoder's outputs on them")
-    return AttackResult(delta=delta.contiguous(), objective=objective,
-                        norm=norm_of(delta, cfg.norm), steps_used=steps)
+                    run.objective = objective_fn(x + run.delta).to(x.dtype)
+            runs.append(run)
+    best, spread = _best_of(runs, eps_b)
+    if not torch.isfinite(best.objective).all():
+        bad = int((~torch.isfinite(best.objective)).sum())
+        raise BrainRobustError(
+            f"the objective was NaN or inf at every iterate for {bad} of "
+            f"{len(best.objective)} images; check the encoder's outputs on them"
+        )
+    converged = (best.gain <= cfg.conv_gain_max) & ~(spread > cfg.conv_spread_max)
+    return AttackResult(
+        delta=best.delta.contiguous(),
+        objective=best.objective,
+        norm=norm_of(best.delta, cfg.norm),
+        steps_used=best.steps_used,
+        conv_gain=best.gain,
+        conv_spread=spread,
+        converged=converged.to(x.dtype),
+    )
 
 
 def random_perturbation(
@@ -302,7 +342,7 @@ def random_perturbation(
         if target.shape != (x.shape[0],) or not (torch.isfinite(target) & (target >= 0)).all():
             raise ConfigError(f"match_norm must be {x.shape[0]} finite values >= 0")
     target_b = target.view(-1, *([1] * (x.dim() - 1)))
-    direction = _random_direction(x, norm, generator)
+    direction = random_direction(x, norm, generator)
     delta = direction * target_b
     if not clamp:
         return delta
@@ -329,112 +369,23 @@ def random_perturbation(
 
 # --- internals ---------------------------------------------------------------------------------
 
-def _ascend(fn: Objective, x: Tensor, eps_b: Tensor, cfg: PGDConfig,
-            generator: torch.Generator | None, runtime: AttackRuntime
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """One restart: (best delta, its objective, the step that reached it), per sample."""
-    n = x.shape[0]
-    if cfg.random_start:
-        delta = _random_start(x, eps_b, cfg.norm, generator)
-    else:
-        delta = torch.zeros_like(x)
-    delta = _constrain(x, delta, eps_b, cfg)
-    # Where the gradient vanishes (delta = 0 for the pattern objective, a dead ReLU region) a
-    # normalised step has no direction; this fixed random one moves the sample off the point.
-    fallback = _random_direction(x, cfg.norm, generator)
-    step = cfg.step_size * eps_b
-    best_obj = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
-    best_delta = delta
-    best_step = torch.zeros(n, dtype=torch.long, device=x.device)
-    for t in range(cfg.steps + 1):
-        last = t == cfg.steps  # the final iterate is only evaluated, not stepped from
-        delta = delta.detach().requires_grad_(not last)
-        with runtime.autocast(x.device), torch.set_grad_enabled(not last):
-            obj = fn(x + delta)
-        _check_objective(obj, n)
-        if not last:
-            (grad,) = torch.autograd.grad(obj.sum(), delta)
-        obj = obj.detach().to(x.dtype)
-        delta = delta.detach()
-        improved = obj > best_obj  # NaN never improves
-        best_obj = torch.where(improved, obj, best_obj)
-        best_delta = torch.where(improved.view_as(eps_b), delta, best_delta)
-        best_step = torch.where(improved, t, best_step)
-        if last:
-            break
-        delta = _constrain(x, delta + step * _direction(grad, cfg.norm, fallback), eps_b, cfg)
-        if t == 0:
-            window_start = best_obj
-        elif cfg.early_stop and t % cfg.patience == 0:
-            gain = (best_obj - window_start) / window_start.abs().clamp_min(_TINY)
-            if bool((gain <= cfg.min_gain).all()):
-                break
-            window_start = best_obj
-    return best_delta, best_obj, best_step
 
-
-def _direction(grad: Tensor, norm: str, fallback: Tensor) -> Tensor:
-    """Unit-norm ascent direction: normalised gradient (L2) or its sign (L-inf)."""
-    grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-    dims = tuple(range(1, grad.dim()))
-    if norm == "l2":
-        length = torch.linalg.vector_norm(grad, dim=dims, keepdim=True)
-        direction = grad / length.clamp_min(torch.finfo(grad.dtype).tiny)
-    else:
-        length = grad.abs().amax(dim=dims, keepdim=True)
-        direction = grad.sign()
-    return torch.where(length > 0, direction, fallback)
-
-
-def _constrain(x: Tensor, delta: Tensor, eps_b: Tensor, cfg: PGDConfig) -> Tensor:
-    delta = project(delta, eps_b, cfg.norm)
-    return clamp_to_box(x, delta) if cfg.clamp else delta
-
-
-def _random_start(x: Tensor, eps_b: Tensor, norm: str, generator: torch.Generator | None) -> Tensor:
-    if norm == "linf":
-        return (2 * _rand(x.shape, generator, x) - 1) * eps_b
-    # Direction before radius, the order torchattacks draws them in: a shared seed gives both
-    # engines the same start, which is how the tests compare them step for step.
-    direction = _random_direction(x, "l2", generator)
-    return direction * _rand(eps_b.shape, generator, x) * eps_b
-
-
-def _random_direction(x: Tensor, norm: str, generator: torch.Generator | None) -> Tensor:
-    """Per sample: a uniformly random unit-L2 direction, or a random +-1 sign per pixel."""
-    if norm == "linf":
-        return torch.where(_rand(x.shape, generator, x) < 0.5, -1.0, 1.0).to(x.dtype)
-    g = _randn(x.shape, generator, x)
-    length = torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), keepdim=True)
-    return g / length
-
-
-def _rand(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    # Draw on the generator's device (a CPU generator cannot fill a CUDA tensor), then move.
-    device = generator.device if generator is not None else like.device
-    out = torch.rand(shape, generator=generator, device=device, dtype=like.dtype)
-    return out.to(like.device).contiguous(memory_format=_layout(like))
-
-
-def _randn(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    device = generator.device if generator is not None else like.device
-    out = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    return out.to(like.device).contiguous(memory_format=_layout(like))
-
-
-def _layout(like: Tensor) -> torch.memory_format:
-    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
-            and not like.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _check_objective(obj: Tensor, n: int) -> None:
-    # Shapes are host metadata: this check costs no device sync.
-    if not isinstance(obj, Tensor) or obj.shape != (n,):
-        shape = tuple(obj.shape) if isinstance(obj, Tensor) else type(obj).__name__
-        raise ConfigError(f"the objective must return one value per image, shape ({n},), "
-                          f"got {shape}")
+def _best_of(runs: list[Ascent], eps_b: Tensor) -> tuple[Ascent, Tensor]:
+    """The best run per sample (the first on ties), and the restarts' relative spread."""
+    best = runs[0]
+    for run in runs[1:]:
+        better = run.objective > best.objective
+        best = Ascent(
+            delta=torch.where(better.view_as(eps_b), run.delta, best.delta),
+            objective=torch.where(better, run.objective, best.objective),
+            steps_used=torch.where(better, run.steps_used, best.steps_used),
+            gain=torch.where(better, run.gain, best.gain),
+        )
+    values = torch.stack([run.objective for run in runs])
+    spread = (values.amax(0) - values.amin(0)) / values.amax(0).abs().clamp_min(TINY)
+    if len(runs) == 1:
+        spread = torch.full_like(spread, math.nan)
+    return best, spread
 
 
 def _check_images(x: Tensor, clamp: bool) -> None:

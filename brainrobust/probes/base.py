@@ -14,6 +14,7 @@ while the other ranks wait. Only rank 0 writes to the results store.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -25,43 +26,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from brainrobust.errors import BrainRobustError, ConfigError, DataError
+from brainrobust.probes.chunks import ChunkStore, run_chunks
 from brainrobust.results.store import RunStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Beside a run's records: the chunks of probes still running (kept for resumption).
+PARTIAL = "partial"
 # Seeds of DDP ranks are this far apart, so shards never share random draws; rank 0 keeps the run's.
 RANK_SEED_STRIDE = 1_000_003
 # How long the other ranks wait for rank 0 (a rank-0-only probe, the merge): a SLURM job's
 # default time limit here (conf/hydra/launcher), far above the 30 min of the default group.
 RANK_WAIT = timedelta(hours=4)
-
-
-def adaptive_chunks(n: int, batch_size: int, work: Callable[[int, int], T]) -> list[T]:
-    """`work(start, stop)` over [0, n) in chunks, halving the chunk on CUDA out-of-memory.
-
-    A chunk that fails is redone smaller instead of crashing the run. Only the random draws
-    (random starts, control noise) follow the chunking; rerun with the logged batch size to
-    reproduce them bit for bit.
-    """
-    out, start = [], 0
-    while start < n:
-        stop = min(n, start + batch_size)
-        try:
-            out.append(work(start, stop))
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
-                raise BrainRobustError(
-                    "out of GPU memory with one image per batch; use a smaller data.image_size "
-                    "or model, or a GPU with more memory") from None
-            batch_size = max(1, batch_size // 2)
-            torch.cuda.empty_cache()
-            log.warning("out of GPU memory: batch size lowered to %d", batch_size)
-            continue
-        start = stop
-    return out
 
 
 @dataclass(frozen=True)
@@ -165,8 +145,9 @@ class Probe(L.Callback):
     """Base class. Subclasses set `name` and implement `run`."""
 
     name: str = "probe"
-    # Rows of the per-image table sent to W&B; the full records are always in the store.
-    table_rows: int = 20_000
+    # Record columns that, with the ROI, make one setting (an eps of the ladder, a source model):
+    # the scalars sent to the loggers are means within a setting, never across settings.
+    settings: ClassVar[tuple[str, ...]] = ()
     # Set by probes whose records and arrays are per test image, so DDP ranks can split the
     # images: the image axis of each per-image array entry (e.g. {"image_id": 0, "delta": 1}).
     # None: the probe needs all images at once (selection, MEIs) and runs on rank 0 alone.
@@ -180,6 +161,37 @@ class Probe(L.Callback):
         self.max_images = max_images
         self.force = force
         self.context: ProbeContext | None = None
+        self.show_progress = False
+        self._kept: ChunkStore | None = None
+        self._should_stop: Callable[[], bool] = lambda: False
+
+    def chunked(self, n: int, batch_size: int, work: Callable[[int, int], T], what: str,
+                generator: torch.Generator | None = None) -> list[T]:
+        """`work(start, stop)` over n images in chunks (`chunks.run_chunks`): a live bar, each
+        finished chunk kept for a rerun to resume from, a SIGTERM honoured between chunks.
+        `what` names the chunks within this probe (e.g. the ROI); `generator` is the one
+        `work` draws from."""
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
+        with self.progress(n, "img", what) as bar:
+            return run_chunks(n, batch_size, work, advance=bar.update, kept=self._kept, tag=tag,
+                              generator=generator, should_stop=self._should_stop)
+
+    def progress(self, total: int, unit: str, what: str = "") -> tqdm:
+        """A live bar with an ETA over `total` units of this probe's work.
+
+        Lightning's test bar counts the test loop's batches, which end before any probe starts,
+        so a long probe would otherwise show nothing for minutes. Silent where the trainer's
+        bar is off (trainer.enable_progress_bar=false) and on every DDP rank but 0.
+        """
+        desc = f"{self.name} {what}".strip()
+        return tqdm(
+            total=total,
+            unit=unit,
+            desc=desc,
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     def bind(self, context: ProbeContext) -> None:
         unknown = sorted(set(self.rois or []) - set(context.rois))
@@ -203,13 +215,6 @@ class Probe(L.Callback):
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
         raise NotImplementedError
 
-    def summary(self, records: pd.DataFrame) -> dict[str, float]:
-        """Scalars logged to the active logger; by default the mean of each metric per ROI."""
-        if "roi" not in records.columns:
-            return {}
-        means = records.groupby(["roi", "metric"])["value"].mean()
-        return {f"{self.name}/{roi}/{metric}": float(v) for (roi, metric), v in means.items()}
-
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ctx = self.context
         if ctx is None:
@@ -221,6 +226,9 @@ class Probe(L.Callback):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("probes need gradients: build the Trainer with inference_mode=False")
         ctx.device = pl_module.device
+        self.show_progress = trainer.progress_bar_callback is not None and trainer.is_global_zero
+        # Lightning's own SIGTERM handler (active during trainer.test) raises this flag.
+        self._should_stop = lambda: trainer.received_sigterm
         pl_module.eval()
         world, rank = trainer.world_size, trainer.global_rank
         if world == 1:
@@ -243,6 +251,7 @@ class Probe(L.Callback):
             raise BrainRobustError(f"probe {self.name} failed on rank {failed_rank}: {message}")
 
     def _run(self, encoder: L.LightningModule, ctx: ProbeContext) -> pd.DataFrame:
+        self._kept = ChunkStore(ctx.store.dir / PARTIAL / f"{self.name}-{ctx.shard.rank}of{ctx.shard.world}")
         # Lightning runs the test loop under no_grad; attacks and Jacobians need autograd.
         with torch.enable_grad():
             return self.run(encoder, ctx)
@@ -302,8 +311,6 @@ class Probe(L.Callback):
     def _write(self, trainer: L.Trainer, store: RunStore, records: pd.DataFrame) -> None:
         path = store.write_records(self.name, records)
         log.info("probe %s: %d records -> %s", self.name, len(records), path)
-        for lg in trainer.loggers:
-            lg.log_metrics(self.summary(records))
-            if hasattr(lg, "log_table"):
-                # W&B: the per-image records as a table, so the UI can slice by model/ROI/eps.
-                lg.log_table(key=f"{self.name}/records", dataframe=records.head(self.table_rows))
+        # Every rank's kept chunks served their purpose once the records are written.
+        for kept in (store.dir / PARTIAL).glob(f"{self.name}-*of*"):
+            ChunkStore(kept).clear()

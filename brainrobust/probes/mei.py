@@ -27,8 +27,8 @@ and SSIM against the start image.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -183,10 +183,12 @@ def optimise_mei(
     init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    advance: Callable[[int], Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximise each targets[b]'s predicted response over image b; one batched Adam run.
 
     Returns the final images (B, 3, S, S) in (0, 1), untransformed, and their start images.
+    `advance(1)` follows every step (a progress bar).
     """
     device = torch.device(device)
     param = FourierImage(
@@ -208,6 +210,8 @@ def optimise_mei(
         # Gradient of the spectrum only: backward() would also fill the encoder's weight grads.
         (param.spectrum.grad,) = torch.autograd.grad(loss, [param.spectrum])
         opt.step()
+        if advance is not None:
+            advance(1)
     with torch.no_grad():
         return param().detach(), start
 
@@ -216,6 +220,7 @@ class MEIProbe(Probe):
     """Maximally exciting images per ROI; records every ROI's response to each MEI."""
 
     name = "mei"
+    settings: ClassVar[tuple[str, ...]] = ("target_roi",)
 
     def __init__(
         self,
@@ -299,6 +304,9 @@ class MEIProbe(Probe):
             if x0 is not None:
                 inits.append(x0)
         init = torch.cat(inits) if inits else None
+        bar = self.progress(
+            self.steps, "step", f"{len(targets)} images of {', '.join(dict.fromkeys(targets))}"
+        )
         mei, start = optimise_mei(
             encoder,
             targets,
@@ -314,7 +322,9 @@ class MEIProbe(Probe):
             init=init,
             generator=ctx.generator(),
             device=ctx.device,
+            advance=bar.update,
         )
+        bar.close()
         with torch.no_grad():
             resp = torch.stack(
                 [predicted_responses(encoder, mei, roi, self.batch_size) for roi in all_rois], 1
@@ -369,14 +379,3 @@ class MEIProbe(Probe):
 
             mei_grid(per_roi, ctx.store.dir / "media" / "mei_grid")
         return records
-
-    def summary(self, records: pd.DataFrame) -> dict[str, float]:
-        """Per target ROI: the mean z-scored response of the target and of the other ROIs."""
-        z = records[records.metric == "response_z"]
-        out = {}
-        for target, grp in z.groupby("target_roi"):
-            out[f"mei/{target}/z_target"] = float(grp[grp.roi == target]["value"].mean())
-            others = grp[grp.roi != target]["value"]
-            if len(others):
-                out[f"mei/{target}/z_others"] = float(others.mean())
-        return out

@@ -2,8 +2,10 @@
 
     s = r(x) - r(x + delta),   delta = argmax_{||delta|| <= eps} objective
 
-for every test image, ROI and eps of the ladder (one vectorised PGD call per image batch), with a
-negative control: random perturbations of the same achieved norm.
+for every test image, ROI and eps of the ladder (one vectorised attack call per image batch), with
+a negative control: random perturbations of the same achieved norm. Every record carries the
+attack's convergence report: `conv_gain` (relative gain over the last steps), `conv_spread`
+(relative spread across restarts, NaN with one restart) and `converged` (1.0 / 0.0).
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ from brainrobust.probes.attack import (
     random_perturbation,
     validate_eps,
 )
-from brainrobust.probes.base import Probe, ProbeContext, adaptive_chunks
+from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.objectives import OBJECTIVES, make_objective
+from brainrobust.units import format_eps
 
 # Records are long format: these wide columns are melted into (metric, value) rows.
 METRICS = ("r_clean", "r_adv", "s", "abs_s", "s_sd", "s_nc", "norm", "steps_used",
-           "random_abs_s", "random_abs_s_max")
+           "random_abs_s", "random_abs_s_max", "conv_gain", "conv_spread", "converged")
 
 
 class SensitivityProbe(Probe):
     name = "sensitivity"
     image_axes: ClassVar[dict[str, int]] = {"image_id": 0, "delta": 1}
+    settings: ClassVar[tuple[str, ...]] = ("norm_type", "eps")
 
     def __init__(
         self,
@@ -90,14 +94,17 @@ class SensitivityProbe(Probe):
         records = pd.concat(frames, ignore_index=True)
         records["norm_type"] = self.attack.norm
         records["objective"] = self.objective
+        records["attack_method"] = self.attack.method
         records["attack_steps"] = self.attack.steps
         return records
 
     def _attack_roi(self, encoder, roi: str, images: torch.Tensor,
                     generator: torch.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        chunks = adaptive_chunks(
+        chunks = self.chunked(
             len(images), self.batch_size,
-            lambda start, stop: self._attack_chunk(encoder, roi, images[start:stop], start, generator))
+            lambda start, stop: self._attack_chunk(encoder, roi, images[start:stop], start, generator),
+            what=f"{roi} {self.attack.norm} eps {format_eps(float(self.eps.min()), self.attack.norm)}"
+                 f"..{format_eps(float(self.eps.max()), self.attack.norm)}", generator=generator)
         columns = {k: np.concatenate([c[0][k] for c in chunks]) for k in chunks[0][0]}
         columns["steps_used"] = columns["steps_used"].astype(np.float64)
         return columns, np.concatenate([c[1] for c in chunks], axis=1)
@@ -128,6 +135,7 @@ class SensitivityProbe(Probe):
         values = {"image": image_idx, "eps": self.eps[ladder_idx.cpu()], "r_clean": r_clean,
                   "r_adv": r_adv, "s": s, "abs_s": s.abs(), "norm": result.norm,
                   "steps_used": result.steps_used, "random_abs_s": random_effects.mean(0),
-                  "random_abs_s_max": random_effects.amax(0)}
+                  "random_abs_s_max": random_effects.amax(0), "conv_gain": result.conv_gain,
+                  "conv_spread": result.conv_spread, "converged": result.converged}
         delta = result.delta.detach().reshape(n_eps, len(x), *x.shape[1:]).half().cpu().numpy()
         return {k: v.detach().cpu().numpy() for k, v in values.items()}, delta

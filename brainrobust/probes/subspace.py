@@ -10,15 +10,20 @@ voxels that it is the cheaper of the two, and the records' `method` column says 
 Records (long format), per image and ROI: metric "sigma_1" .. "sigma_k" (descending; one metric
 per rank so the default per-metric summary stays meaningful); "participation_ratio", the
 effective dimensionality of the top-k eigenvalues, (sum sigma^2)^2 / sum sigma^4: 1 when one
-direction dominates, k when all k are equally sensitive; and "gap_ratio" = sigma_(k+1) / sigma_k
-(the probe computes k + 1 directions when the ROI has more than k voxels): close to 1, the top-k
-subspace is barely separated from the next direction, so it, and its similarity to other
-models' subspaces, is ill-determined (and the randomized method converges slowly). With the
-randomized method sigma_(k+1) is a Rayleigh-Ritz value, a slight underestimate.
+direction dominates, k when all k are equally sensitive; "gap_ratio" = sigma_(k+1) / sigma_k
+(when the ROI has more than k voxels): close to 1, the top-k subspace is barely separated from
+the next direction, so it, and its similarity to other models' subspaces, is ill-determined
+(and the randomized method converges slowly). With the randomized method sigma_(k+1) is a
+Rayleigh-Ritz value, a slight underestimate. The accuracy reached: "residual", the largest
+relative Ritz residual of the top k, ||J^T J p_j - sigma_j^2 p_j|| / sigma_k^2 (at most tol once
+converged; float rounding for the exact method), and "iterations" (0 for exact; max_iters with
+residual > tol: not converged). With gap_ratio they bound the subspace's error (Davis-Kahan):
+overlap with the exact top-k >= 1 - (residual / (1 - gap_ratio^2))^2.
 
-Arrays: `subspace_<roi>` holds P (n, D, k), sigma (n, k) and image_id (n,), fp16 (full-precision
-sigma is in the records), so `brainrobust.analysis.subspaces` compares any pair of runs without
-recomputing. At 224 x 224 with k = 10 that is 3 MB per image and ROI: cap max_images.
+Arrays: `subspace_<roi>` holds P (n, D, k), sigma (n, k), residual (n, k), iterations (n,) and
+image_id (n,), floats as fp16 (full precision is in the records), so
+`brainrobust.analysis.subspaces` compares any pair of runs without recomputing. At 224 x 224
+with k = 10 that is 3 MB per image and ROI: cap max_images.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class SubspaceProbe(Probe):
     ----------
     k
         Directions per image; at most the number of voxels of each ROI.
-    oversample, iters, method, chunk, jvp_mode
+    oversample, max_iters, tol, method, chunk, jvp_mode
         See `brainrobust.probes.jacobian.top_k_right_singular`.
     voxels
         "roi": J of each selected ROI's voxels (stored as subspace_<roi>); "all": one J of every
@@ -58,13 +63,20 @@ class SubspaceProbe(Probe):
     """
 
     name = "subspace"
-    image_axes: ClassVar[dict[str, int]] = {"image_id": 0, "P": 0, "sigma": 0}
+    image_axes: ClassVar[dict[str, int]] = {
+        "image_id": 0,
+        "P": 0,
+        "sigma": 0,
+        "residual": 0,
+        "iterations": 0,
+    }
 
     def __init__(
         self,
         k: int = 10,
-        oversample: int = 10,
-        iters: int = 3,
+        oversample: int = 5,
+        max_iters: int = 16,
+        tol: float = 1e-3,
         method: Literal["auto", "randomized", "exact"] = "auto",
         voxels: Literal["roi", "all"] = "roi",
         batch_size: int = 8,
@@ -78,7 +90,8 @@ class SubspaceProbe(Probe):
         checks = [
             (k >= 1, f"k must be >= 1, got {k}"),
             (oversample >= 0, f"oversample must be >= 0, got {oversample}"),
-            (iters >= 1, f"iters must be >= 1, got {iters}"),
+            (max_iters >= 1, f"max_iters must be >= 1, got {max_iters}"),
+            (tol > 0, f"tol must be > 0, got {tol}"),
             (method in METHODS, f"method must be one of {METHODS}, got {method!r}"),
             (voxels in VOXELS, f"voxels must be one of {VOXELS}, got {voxels!r}"),
             (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
@@ -88,7 +101,8 @@ class SubspaceProbe(Probe):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"probe.subspace.{message}")
-        self.k, self.oversample, self.iters, self.method = k, oversample, iters, method
+        self.k, self.oversample, self.method = k, oversample, method
+        self.max_iters, self.tol = max_iters, tol
         self.voxels, self.batch_size = voxels, batch_size
         self.chunk, self.jvp_mode = chunk, jvp_mode
 
@@ -115,19 +129,17 @@ class SubspaceProbe(Probe):
         generator = ctx.generator()
         frames = []
         for name, (idx, size) in self.targets(encoder).items():
-            # One direction more than stored, for the gap ratio, when the ROI has it.
-            n_dirs = min(self.k + 1, size)
             method = self.method
             if method == "auto":
-                method = choose_method(size, images[0].numel(), n_dirs, self.oversample, self.iters)
-            p, sigma = self.subspaces(encoder, idx, images, n_dirs, method, generator)
-            ctx.store.save_array(
-                f"subspace_{name}",
-                {"P": p[:, :, : self.k], "sigma": sigma[:, : self.k], "image_id": ids},
-            )
-            frames.append(self.records(sigma, ids, name).assign(method=method))
+                method = choose_method(
+                    size, images[0].numel(), self.k, self.oversample, self.max_iters
+                )
+            arrays = self.subspaces(encoder, idx, images, method, generator)
+            stored = {key: arrays[key] for key in ("P", "sigma", "residual", "iterations")}
+            ctx.store.save_array(f"subspace_{name}", stored | {"image_id": ids})
+            frames.append(self.records(arrays, ids, name, size).assign(method=method))
         records = pd.concat(frames, ignore_index=True)
-        for setting in ("k", "iters", "oversample", "voxels"):
+        for setting in ("k", "max_iters", "tol", "oversample", "voxels"):
             records[setting] = getattr(self, setting)
         return records
 
@@ -136,11 +148,11 @@ class SubspaceProbe(Probe):
         encoder: torch.nn.Module,
         idx: torch.Tensor | None,
         images: torch.Tensor,
-        n_dirs: int,
         method: str,
         generator: torch.Generator,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """P (n, D, n_dirs) fp16 and sigma (n, n_dirs) float64 for every image, batch by batch."""
+    ) -> dict[str, np.ndarray]:
+        """Every image's P (n, D, k) fp16 and, as float64, sigma, residual (n, k), sigma_next (n,),
+        and iterations (n,), batch by batch (fields of `brainrobust.probes.jacobian.Subspace`)."""
         if idx is None:
             fn = encoder
         else:
@@ -149,34 +161,42 @@ class SubspaceProbe(Probe):
             def fn(x: torch.Tensor) -> torch.Tensor:
                 return encoder(x)[:, cols]
 
-        ps, sigmas = [], []
+        parts = []
         for start in range(0, len(images), self.batch_size):
-            p, sigma = top_k_right_singular(
+            sub = top_k_right_singular(
                 fn,
                 images[start : start + self.batch_size],
-                n_dirs,
+                self.k,
                 oversample=self.oversample,
-                iters=self.iters,
+                max_iters=self.max_iters,
+                tol=self.tol,
                 generator=generator,
                 method=method,
                 chunk=self.chunk,
                 jvp_mode=self.jvp_mode,
             )
             # fp16 at once: P is what dominates memory, and it is stored as fp16 anyway.
-            ps.append(p.half().cpu().numpy())
-            sigmas.append(sigma.double().cpu().numpy())
-        return np.concatenate(ps), np.concatenate(sigmas)
+            part = {"P": sub.p.half().cpu().numpy(), "iterations": sub.iterations.cpu().numpy()}
+            for key in ("sigma", "residual", "sigma_next"):
+                part[key] = getattr(sub, key).double().cpu().numpy()
+            parts.append(part)
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
-    def records(self, sigma: np.ndarray, ids: np.ndarray, roi: str) -> pd.DataFrame:
-        """Long-format records from (n, k) or, with the gap, (n, k + 1) singular values."""
-        top = sigma[:, : self.k]
+    def records(
+        self, arrays: dict[str, np.ndarray], ids: np.ndarray, roi: str, size: int
+    ) -> pd.DataFrame:
+        """Long-format records from `subspaces`' arrays for an ROI of `size` voxels."""
+        top = arrays["sigma"]
         eig = top**2
         wide = pd.DataFrame({f"sigma_{i + 1}": top[:, i] for i in range(self.k)})
         with np.errstate(invalid="ignore", divide="ignore"):
             # 0/0 (an image where the ROI does not respond to any pixel) stays NaN: undefined.
             wide["participation_ratio"] = eig.sum(1) ** 2 / (eig**2).sum(1)
-            if sigma.shape[1] > self.k:
-                wide["gap_ratio"] = sigma[:, self.k] / sigma[:, self.k - 1]
+            # With k voxels sigma_(k+1) = 0: no gap to speak of, so none is recorded.
+            if size > self.k:
+                wide["gap_ratio"] = arrays["sigma_next"] / top[:, -1]
+        wide["residual"] = arrays["residual"].max(1)
+        wide["iterations"] = arrays["iterations"]
         wide["image_id"] = ids
         wide["roi"] = roi
         return wide.melt(id_vars=["image_id", "roi"], var_name="metric", value_name="value")

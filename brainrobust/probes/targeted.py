@@ -21,7 +21,7 @@ budgets in one batched PGD call (`expand_ladder`); frames are then independent o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -64,6 +64,7 @@ class TargetedProbe(Probe):
     """Drive `roi` in `direction` along `eps_schedule`; record images, perturbations, responses."""
 
     name = "targeted"
+    settings: ClassVar[tuple[str, ...]] = ("direction", "driven_roi", "norm_type", "eps")
 
     def __init__(
         self,
@@ -154,9 +155,11 @@ class TargetedProbe(Probe):
         rois = list(ctx.rois)
         generator = ctx.generator()
         frames, deltas, responses = [], [], []
+        bar = self.progress(len(x0), "img", f"{self.direction} {self.roi}")
         for start in range(0, len(x0), self.batch_size):
             x = x0[start : start + self.batch_size]
             delta = self.trajectory(encoder, x, generator).detach()
+            bar.update(len(x))
             traj = torch.cat([x[None], x[None] + delta])  # (E + 1, B, 3, S, S), frame 0 the start
             with torch.no_grad():
                 pred = encoder(traj.flatten(0, 1))
@@ -164,6 +167,7 @@ class TargetedProbe(Probe):
             frames.append(traj.transpose(0, 1).cpu())
             deltas.append(delta.transpose(0, 1).cpu())
             responses.append(resp.view(len(self.eps) + 1, len(x), len(rois)).transpose(0, 1).cpu())
+        bar.close()
         images = torch.cat(frames)  # (n, E + 1, 3, S, S)
         arrays = {
             "images": images.numpy(),
@@ -242,18 +246,3 @@ class TargetedProbe(Probe):
         records["warm_start"] = self.warm_start
         records["attack_steps"] = self.attack.steps
         return records
-
-    def summary(self, records: pd.DataFrame) -> dict[str, float]:
-        """At the largest eps: every ROI's mean response change and the mean SSIM."""
-        last = records[records.eps == records.eps.max()]
-        out = {
-            f"targeted/{self.direction}_{self.roi}/change_{roi}": float(v)
-            for roi, v in last[last.metric == "response_change"]
-            .groupby("roi")["value"]
-            .mean()
-            .items()
-        }
-        out[f"targeted/{self.direction}_{self.roi}/ssim"] = float(
-            last[last.metric == "ssim"]["value"].mean()
-        )
-        return out

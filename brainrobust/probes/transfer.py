@@ -61,6 +61,14 @@ KINDS = {
 class TransferProbe(Probe):
     name = "transfer"
     image_axes: ClassVar[dict[str, int]] = {}
+    settings: ClassVar[tuple[str, ...]] = (
+        "kind",
+        "source_roi",
+        "source_model",
+        "source_subject",
+        "norm_type",
+        "eps",
+    )
 
     def __init__(
         self,
@@ -121,13 +129,6 @@ class TransferProbe(Probe):
         records["kind"] = self.kind
         records["norm_type"] = self.norm
         return records
-
-    def summary(self, records: pd.DataFrame) -> dict[str, float]:
-        """Mean ratio per ROI and source (the default per-ROI mean would mix sources and eps)."""
-        ratios = records[records.metric == "ratio"]
-        means = ratios.groupby(["roi", "source_model", "source_subject"])["value"].mean()
-        return {f"{self.name}/{roi}/{model}-s{subject}/ratio": float(v)
-                for (roi, model, subject), v in means.items()}
 
     # ---- sources -------------------------------------------------------------------------
 
@@ -238,6 +239,7 @@ class TransferProbe(Probe):
     def _apply(self, encoder: torch.nn.Module, roi: str, delta: np.ndarray, pairs: pd.DataFrame,
                images: torch.Tensor, generator: torch.Generator) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
+        bar = self.progress(len(pairs), "img", roi)
         slot, src_pos, tgt_pos = (pairs[c].to_numpy() for c in ("slot", "src_pos", "tgt_pos"))
         source_change = torch.tensor(pairs.source_change.to_numpy(), dtype=torch.float64)
         for start in range(0, len(pairs), self.batch_size):
@@ -266,6 +268,8 @@ class TransferProbe(Probe):
                                 ("random_abs_change_max", random_effects.amax(0)),
                                 ("random_ratio", _safe_ratio(random_mean, s))):
                 parts[name].append(value.detach().double().cpu().numpy())
+            bar.update(len(x))
+        bar.close()
         return {k: np.concatenate(v) for k, v in parts.items()}
 
 

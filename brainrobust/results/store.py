@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import platform
 import time
 from collections.abc import Mapping
@@ -25,9 +26,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from brainrobust.errors import BrainRobustError, DataError
 from brainrobust.files import atomic_path, sha256_file, stable_hash, write_bytes, write_json
+
+log = logging.getLogger(__name__)
 
 # Bumped whenever the record columns change meaning; load() refuses to merge across it.
 SCHEMA_VERSION = 1
@@ -60,7 +65,7 @@ class RunStore:
     def _claim(self) -> None:
         """Write run.json on the first write, so composing or dry-running a run leaves no trace."""
         meta_path = self.dir / "run.json"
-        if not meta_path.exists():
+        if read_meta(meta_path) is None:
             write_json(meta_path, {"key": self.key, "identity": self.identity,
                                    "columns": self.columns, "versions": versions()})
 
@@ -72,10 +77,25 @@ class RunStore:
         return self.records_dir / f"{probe}.parquet"
 
     def has_records(self, probe: str) -> bool:
-        return self.records_path(probe).exists()
+        """Whether the probe's records exist and are readable; a damaged file (truncated, not
+        parquet) counts as absent, so the probe is redone and the file replaced."""
+        path = self.records_path(probe)
+        if not path.exists():
+            return False
+        try:
+            pq.read_metadata(path)
+        except (OSError, ValueError, pa.ArrowException) as err:
+            log.warning("records %s are damaged (%s); the probe will be redone", path,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return False
+        return True
 
     def is_complete(self) -> bool:
-        return (self.dir / "DONE").exists()
+        """DONE is written last; a run.json or records damaged since make the run incomplete
+        again, so a rerun rewrites what is damaged and reuses the rest."""
+        if not (self.dir / "DONE").exists() or read_meta(self.dir / "run.json") is None:
+            return False
+        return all(self.has_records(p.stem) for p in self.records_dir.glob("*.parquet"))
 
     def write_records(self, probe: str, df: pd.DataFrame) -> Path:
         """Write one probe's long-format records, with the run's key columns added."""
@@ -124,9 +144,29 @@ class RunStore:
         write_json(self.dir / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """A run.json, or None when it is missing or damaged (logged with its path)."""
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or "key" not in meta:
+            raise ValueError("not a run description")
+    except (OSError, ValueError) as err:
+        log.warning("%s is damaged (%s); that run counts as not done", path, err)
+        return None
+    return meta
+
+
 def _compact(v: np.ndarray) -> np.ndarray:
+    """Floats as fp16 where fp16 holds them (perturbations, directions); arrays with values
+    beyond fp16's range (65504) stay float32, so no stored number turns into inf."""
     v = np.asarray(v)
-    return v.astype(np.float16) if v.dtype.kind == "f" and v.dtype.itemsize > 2 else v
+    if v.dtype.kind != "f" or v.dtype.itemsize <= 2:
+        return v
+    finite = np.abs(v[np.isfinite(v)])
+    fits = finite.size == 0 or finite.max() <= np.finfo(np.float16).max
+    return v.astype(np.float16 if fits else np.float32)
 
 
 class ResultsStore:
@@ -142,14 +182,11 @@ class ResultsStore:
         """
         key = stable_hash(identity)
         run_dir = self.root / "runs" / key
-        meta_path = run_dir / "run.json"
-        if meta_path.exists():
-            stored = json.loads(meta_path.read_text())
-            if stored.get("identity") != json.loads(json.dumps(identity, default=str)):
-                raise BrainRobustError(
-                    f"results run {key} holds another config (hash collision or edited run.json); "
-                    f"move {run_dir} away"
-                )
+        stored = read_meta(run_dir / "run.json")
+        if stored is not None and stored.get("identity") != json.loads(
+                json.dumps(identity, default=str)):
+            raise BrainRobustError(f"results run {key} holds another config (hash collision or "
+                                   f"edited run.json); move {run_dir} away")
         return RunStore(dir=run_dir, key=key, columns=dict(columns), identity=dict(identity))
 
     def open(self, meta: Mapping[str, Any]) -> RunStore:
@@ -157,13 +194,23 @@ class ResultsStore:
         return RunStore(dir=self.root / "runs" / meta["key"], key=meta["key"],
                         columns=dict(meta["columns"]), identity=meta.get("identity"))
 
+    def open_key(self, key: str) -> RunStore | None:
+        """The RunStore of run `key`, or None when nothing (readable) of it was written."""
+        meta = read_meta(self.root / "runs" / key / "run.json")
+        return self.open(meta) if meta is not None else None
+
     def runs(self) -> list[dict[str, Any]]:
+        """Every run with a readable run.json; a damaged one is named in the log and left out
+        (rerunning its config rewrites it)."""
         out = []
         for meta_path in sorted(self.root.glob("runs/*/run.json")):
-            meta = json.loads(meta_path.read_text())
-            run_dir = meta_path.parent
-            meta["complete"] = (run_dir / "DONE").exists()
-            meta["probes"] = sorted(p.stem for p in (run_dir / "records").glob("*.parquet"))
+            meta = read_meta(meta_path)
+            if meta is None:
+                continue
+            run = self.open(meta)
+            meta["complete"] = run.is_complete()
+            meta["probes"] = sorted(p.stem for p in run.records_dir.glob("*.parquet")
+                                    if run.has_records(p.stem))
             out.append(meta)
         return out
 
@@ -180,9 +227,8 @@ def load(root: str | Path, probe: str | None = None) -> pd.DataFrame:
         )
     frames = []
     for r in runs:
-        pattern = f"{probe}.parquet" if probe else "*.parquet"
-        for path in sorted((store.root / "runs" / r["key"] / "records").glob(pattern)):
-            frames.append(pd.read_parquet(path))
+        run = store.open(r)
+        frames += [run.read_records(name) for name in r["probes"] if probe in (None, name)]
     if not frames:
         what = f"probe {probe!r}" if probe else "any probe"
         raise DataError(f"no records of {what} under {root}; run `python run.py` (with that probe) first")

@@ -1,0 +1,176 @@
+"""Time to quality: image-steps and seconds until an attack reaches 99% of a long reference.
+
+At equal settings one step of brainrobust costs what one step of torchattacks costs (both are a
+forward and a backward pass of the same network; bench_attack.py), so speed comes from needing
+fewer steps. For each encoder and objective this measures a long reference (Auto-PGD, many steps
+and restarts, the best per image), then runs every attack at a growing step budget N and reports
+the first N whose result reaches `--quality` (0.99) of the reference, as the mean over images
+of objective / reference, with the image-steps (N x restarts x images) and CPU seconds of that run.
+
+Encoders: the zoo's random-init CNNs (tiny_cnn_random, resnet18_random) at `--size` px with a
+random linear readout of `--voxels` voxels; objectives "abs" (ROI mean of the first half of the
+voxels) and "pattern" (the whole voxel pattern), L2 budget `--eps`.
+
+Peers, on the SAME objective: torchattacks maximises cross-entropy, so it gets a wrapper whose
+logits are [objective(x), 0] with label 1. Its loss is then softplus(objective), increasing in
+the objective, and L2 PGD steps along the normalised gradient (and Auto-PGD compares losses), so
+the peer ascends exactly our objective; it is scored by our objective at what it returns.
+torchattacks PGDL2 runs with its documented defaults (alpha = 0.2 at eps = 1.0, i.e. alpha =
+0.2 eps; random start) and, second, the Madry step 2.5 eps / N; torchattacks APGD with its
+defaults (rho 0.75, 1 restart, cross-entropy), returning its best-loss point (`best_loss=True`).
+
+    python benchmarks/bench_time_to_quality.py --threads 1              # 2-core CPU: ~1 hour
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from brainrobust.models.encoder import BrainEncoder
+from brainrobust.models.features import build_feature_model
+from brainrobust.models.readout import LinearReadout
+from brainrobust.models.zoo import get_spec
+from brainrobust.probes.attack import PGDConfig, pgd
+from brainrobust.probes.objectives import make_objective
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
+# (encoder, objective, images, eps, steps) -> adversarial images
+Attack = Callable[[nn.Module, Callable[[Tensor], Tensor], Tensor, float, int], Tensor]
+
+
+def zoo_encoder(model: str, size: int, voxels: int, seed: int = 0) -> BrainEncoder:
+    spec = dataclasses.replace(get_spec(model), input_size=size)
+    features = build_feature_model(spec)
+    with torch.no_grad():
+        width = features(torch.rand(1, 3, size, size)).shape[1]
+    g = torch.Generator().manual_seed(seed)
+    readout = LinearReadout(torch.randn(width, voxels, generator=g) / math.sqrt(width), torch.zeros(voxels))
+    rois = {"half": list(range(voxels // 2)), "all": list(range(voxels))}
+    encoder = BrainEncoder(features[0], features[1], readout, rois, size).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder
+
+
+def smooth_images(n: int, size: int, seed: int = 1) -> Tensor:
+    """Natural-image-like inputs: random 8 x 8 colour fields upsampled (no pixel at 0 or 1)."""
+    low = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
+    return nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+
+
+class ObjectiveAsLogits(nn.Module):
+    """logits [objective(x), 0]: with label 1, cross-entropy = softplus(objective).
+
+    Holds the encoder too: torchattacks takes its device from the model's parameters.
+    """
+
+    def __init__(self, objective: Callable[[Tensor], Tensor], encoder: nn.Module):
+        super().__init__()
+        self.objective = objective
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        value = self.objective(x)
+        return torch.stack([value, torch.zeros_like(value)], dim=1)
+
+
+def ours(attack_config: str, **changes) -> tuple[Attack, int]:
+    """An attack of conf/attack/ at budget N, with `changes`."""
+    settings = OmegaConf.to_container(OmegaConf.load(CONF / f"{attack_config}.yaml"))
+    settings = {k: v for k, v in settings.items() if k not in ("_target_", "norm", "steps")}
+    settings.update(changes)
+
+    def run(encoder, objective, x, eps, steps):
+        cfg = PGDConfig(norm="l2", steps=steps, **settings)
+        return x + pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3)).delta
+    return run, settings["restarts"]
+
+
+def torchattacks_pgdl2(alpha: Callable[[float, int], float]) -> tuple[Attack, int]:
+    import torchattacks
+
+    def run(encoder, objective, x, eps, steps):
+        torch.manual_seed(3)
+        attack = torchattacks.PGDL2(ObjectiveAsLogits(objective, encoder).eval(), eps=eps,
+                                    alpha=alpha(eps, steps), steps=steps, random_start=True)
+        return attack(x, torch.ones(len(x), dtype=torch.long))
+    return run, 1
+
+
+def torchattacks_apgd() -> tuple[Attack, int]:
+    import torchattacks
+
+    def run(encoder, objective, x, eps, steps):
+        attack = torchattacks.APGD(ObjectiveAsLogits(objective, encoder).eval(), norm="L2", eps=eps,
+                                   steps=steps, n_restarts=1, seed=3, loss="ce")
+        return attack.perturb(x, torch.ones(len(x), dtype=torch.long), best_loss=True)[1]
+    return run, 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny_cnn_random,resnet18_random")
+    parser.add_argument("--objectives", default="abs,pattern")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--voxels", type=int, default=500)
+    parser.add_argument("--eps", type=float, default=0.3, help="L2 budget (the l2_small ladder's middle)")
+    parser.add_argument("--grid", default="10,20,50,100,200,400", help="step budgets N tried")
+    parser.add_argument("--quality", type=float, default=0.99)
+    parser.add_argument("--ref-steps", type=int, default=1000)
+    parser.add_argument("--ref-restarts", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid = [int(n) for n in args.grid.split(",")]
+    attacks = {
+        "brainrobust default (conf/attack/apgd.yaml)": ours("apgd"),
+        "brainrobust apgd, 1 restart": ours("apgd", restarts=1),
+        "torchattacks PGDL2 (alpha 0.2 eps, its default)": torchattacks_pgdl2(lambda e, n: 0.2 * e),
+        "torchattacks PGDL2 (alpha 2.5 eps / N)": torchattacks_pgdl2(lambda e, n: 2.5 * e / n),
+        "torchattacks APGD (L2, best loss)": torchattacks_apgd(),
+    }
+    print(f"L2 eps {args.eps}, {args.size} px, {args.batch} images, {args.voxels} voxels, "
+          f"{torch.get_num_threads()} threads; reference: Auto-PGD {args.ref_steps} steps x "
+          f"{args.ref_restarts} restarts; quality: mean objective / reference >= {args.quality}")
+    print("\n| encoder | objective | attack | N | image-steps | CPU s | quality (mean / min) |\n"
+          "|---|---|---|--:|--:|--:|--:|")
+    for model in args.models.split(","):
+        encoder = zoo_encoder(model, args.size, args.voxels)
+        x = smooth_images(args.batch, args.size)
+        for kind in args.objectives.split(","):
+            objective = make_objective(encoder, "half" if kind == "abs" else "all", kind, x)
+            cfg = PGDConfig(method="apgd", norm="l2", steps=args.ref_steps, restarts=args.ref_restarts)
+            reference = pgd(objective, x, args.eps, cfg, generator=torch.Generator().manual_seed(9)).objective
+            for label, (attack, restarts) in attacks.items():
+                print(_time_to_quality(model, kind, label, attack, restarts, encoder, objective, x,
+                                       args, grid, reference), flush=True)
+
+
+def _time_to_quality(model, kind, label, attack, restarts, encoder, objective, x, args, grid,
+                     reference) -> str:
+    for steps in grid:
+        cpu = time.process_time()
+        adv = attack(encoder, objective, x, args.eps, steps)
+        cpu = time.process_time() - cpu
+        with torch.no_grad():
+            ratio = objective(adv) / reference
+        if ratio.mean() >= args.quality:
+            break
+    reached = "" if ratio.mean() >= args.quality else " (not reached)"
+    return (f"| {model} | {kind} | {label} | {steps}{reached} | {steps * restarts * len(x)} | "
+            f"{cpu:.1f} | {ratio.mean():.4f} / {ratio.min():.4f} |")
+
+
+if __name__ == "__main__":
+    main()

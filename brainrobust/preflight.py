@@ -1,0 +1,134 @@
+"""The command line of `run.py`, checked before Hydra launches anything.
+
+Hydra reports a composition mistake (an unknown model, a key the config does not define, an
+unset mandatory value) with its own multi-line text and exit code 1, and a sweep learns of a bad
+value only when its job starts. Composing every value of every override here first turns each
+mistake into the project's one line and exit code 2, before a job of a sweep has run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from brainrobust.errors import ConfigError
+
+# What the user sets for each value that the shipped configs leave mandatory (`???`).
+MANDATORY_HINTS = {
+    "data.root": "the folder holding nsddata/, nsddata_betas/ and nsddata_stimuli/ (NSD) or "
+                 "subjXX/ (Algonauts)",
+}
+
+
+def check_overrides(overrides: Sequence[str], conf_dir: str | Path) -> None:
+    """Compose the config once per value of every override; raise ConfigError on a mistake."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot read the command line: {_first_line(err)}") from None
+    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+        _refuse_new_top_level_keys(parsed)
+        for variant in _variants(parsed):
+            _compose(variant)
+
+
+def _refuse_new_top_level_keys(parsed: list[Override]) -> None:
+    """`+eps=-1` would add a key that nothing reads, silently: only nested keys may be added
+    (a probe's or model's extra argument, which its constructor then checks)."""
+    added = [o for o in parsed if (o.is_add() or o.is_force_add())
+             and "." not in o.key_or_group and not o.key_or_group.startswith("hydra")]
+    if not added:
+        return
+    known = [str(k) for k in compose("config")]
+    for override in added:
+        key = override.key_or_group
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(near)}? " if near else ""
+            raise ConfigError(f"'{override.input_line}' adds a top-level key '{key}' that nothing "
+                              f"reads; {hint}python run.py --cfg job lists the keys")
+
+
+def _values(override: Override) -> list[str] | None:
+    """The override as `key=value` lines, one per swept value; None for a glob (it selects
+    existing files, so there is nothing to check)."""
+    key = override.get_key_element()
+    if override.value_type is not None and override.value_type.name == "GLOB_CHOICE_SWEEP":
+        return None
+    if override.is_sweep_override():
+        return [f"{key}={value}" for value in override.sweep_string_iterator()]
+    if override.is_delete():
+        return [override.input_line]
+    return [f"{key}={override.get_value_element_as_str()}"]
+
+
+def _variants(parsed: list[Override]) -> list[list[str]]:
+    """The first value of every override, then each other value swapped in one at a time: a
+    mistake in any value shows up, at the cost of one compose per value, not per job."""
+    lines = [v for v in (_values(o) for o in parsed) if v]
+    base = [values[0] for values in lines]
+    variants = [base]
+    for i, values in enumerate(lines):
+        variants += [base[:i] + [value] + base[i + 1:] for value in values[1:]]
+    return variants
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    try:
+        cfg = compose("config", overrides=overrides)
+        if not cfg.get("roi"):
+            raise ConfigError("no ROI selected; pass roi=FFA or roi=[FFA,PPA]")
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingConfigException as err:
+        raise ConfigError(_unknown_option(err)) from None
+    except MissingMandatoryValue as err:
+        key = err.full_key
+        hint = MANDATORY_HINTS.get(key, "a value")
+        raise ConfigError(f"{key} is not set; pass {key}=... ({hint})") from None
+    except (HydraException, OmegaConfBaseException) as err:
+        unknown = re.match(r"Could not override '([^']+)'", _first_line(err))
+        if unknown:
+            raise ConfigError(_unknown_key(unknown.group(1), overrides)) from None
+        raise ConfigError(f"{_first_line(err)} (python run.py --cfg job shows the config)") from None
+    return cfg
+
+
+def _unknown_key(key: str, overrides: list[str]) -> str:
+    """`unknown config key 'subjct'; did you mean subject?`, from the keys beside it."""
+    parent, _, leaf = key.rpartition(".")
+    others = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
+    node = OmegaConf.select(compose("config", overrides=others), parent) if parent else \
+        compose("config", overrides=others)
+    keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
+    near = difflib.get_close_matches(leaf, keys, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(f'{parent}.{k}' if parent else k for k in near)}? " if near else ""
+    return f"unknown config key '{key}'; {hint}python run.py --cfg job lists the keys"
+
+
+def _unknown_option(err: MissingConfigException) -> str:
+    group, _, name = (err.missing_cfg_file or "").rpartition("/")
+    # Hydra lists the options for `group=x` but not for the list form `group=[x]`.
+    options = list(err.options or GlobalHydra.instance().config_loader().get_group_options(group)
+                   if group else [])
+    if not options:
+        return _first_line(err)
+    near = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    listing = "python -m brainrobust models lists them" if group == "model" else \
+        f"valid: {', '.join(options)}"
+    return f"unknown {group} '{name}'; {hint}{listing}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
