@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DEMO ?= probe.sensitivity.max_images=16
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-all lint bench figures clean
@@ -17,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A first look: the default run on 16 of the twin's 80 test images (all 80: python run.py).
 demo: install
-	$(BIN)/python run.py
+	$(BIN)/python run.py $(DEMO)
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -34,11 +34,10 @@ def main(cfg: DictConfig) -> None:
     except (BrainRobustError, OmegaConfBaseException) as err:
         # A user-correctable problem: one line that names the fix, no traceback.
         message = str(err).splitlines()[0]
-        log.error("%s", message)
+        log.error("%s", message)  # the console shows it as `error: ...`
         record_outcome(cfg.paths.results_dir, None, message)
         if multirun_job() is not None:
             return  # the sweep goes on and lists this failure at its end
-        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     record_outcome(cfg.paths.results_dir, store.key)
     # Other DDP ranks end here: rank 0 writes the records and reports them.

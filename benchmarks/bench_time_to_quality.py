@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--voxels", type=int, default=500)
     parser.add_argument("--eps", type=float, default=0.3, help="L2 budget (the l2_small ladder's middle)")
-    parser.add_argument("--grid", default="10,20,50,100,200,400", help="step budgets N tried")
+    parser.add_argument("--grid", default="10,15,20,30,40,50,70,100,140,200,280,400",
+                        help="step budgets N tried, in order; the first that reaches the quality counts")
     parser.add_argument("--quality", type=float, default=0.99)
     parser.add_argument("--ref-steps", type=int, default=1000)
     parser.add_argument("--ref-restarts", type=int, default=4)

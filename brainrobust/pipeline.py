@@ -24,8 +24,9 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from brainrobust.cache import cached
 from brainrobust.data.datamodule import BrainDataModule
-from brainrobust.errors import BrainRobustError, CacheError, ConfigError
+from brainrobust.errors import BrainRobustError, ConfigError
 from brainrobust.files import check_writable, exclusive, stable_hash
 from brainrobust.identity import config_identity, key_columns
 from brainrobust.models.encoder import BrainEncoder
@@ -148,14 +149,18 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
         "readout": OmegaConf.to_container(cfg.readout, resolve=True), "seed": cfg.seed,
     })
     readout_path = cache_dir / "readouts" / f"{spec.name}-s{dm.subject}-{readout_key}.safetensors"
-    readout = None
-    if readout_path.exists():
-        try:
-            readout, _ = LinearReadout.load(readout_path, expect={"key": readout_key})
-            log.info("readout loaded from %s", readout_path)
-        except CacheError as err:
-            log.warning("%s; refitting", err)
-    if readout is None:
+    # DDP ranks fit together (Trainer.predict is collective): one waiting on a lock would hang all.
+    ranks = trainer is not None and trainer.world_size > 1
+    lock = None if ranks else readout_path.parent / ".locks" / f"{readout_path.stem}.lock"
+
+    def load_readout() -> LinearReadout | None:
+        if not readout_path.exists():
+            return None
+        readout, _ = LinearReadout.load(readout_path, expect={"key": readout_key})
+        log.info("readout loaded from %s", readout_path)
+        return readout
+
+    def fit_readout() -> LinearReadout:
         x_train = extract_features(
             spec, torch.nn.Sequential(preprocess, features), images=dm.images("train"), ids=dm.train.ids,
             image_source_id=dm.loader.image_source_id, cache_dir=cache_dir / "features",
@@ -172,6 +177,9 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
             "alphas": list(cfg.readout.alphas), "train_ids_sha": stable_hash(dm.train.ids.tolist()),
         })
         log.info("readout fit (%s) and saved to %s", cfg.readout.method, readout_path)
+        return readout
+
+    readout = cached(lock, load_readout, fit_readout, f"readout {readout_path}")
 
     return BrainEncoder(
         preprocess, features, readout, rois=dm.rois, input_size=dm.stimulus_size,
@@ -215,7 +223,10 @@ def run(cfg: DictConfig) -> RunStore:
         raise ConfigError(f"unknown readout.method {cfg.readout.method!r}; valid: {sorted(SOLVERS)}")
     dm: BrainDataModule = build(cfg.data, _convert_="all")
     columns = key_columns(cfg)
-    store = ResultsStore(cfg.paths.results_dir).run(run_identity(cfg), columns)
+    identity = run_identity(cfg)
+    # Content, not paths: changed data gets a new key; a moved dataset or cache keeps it.
+    identity["data_fingerprint"] = dm.fingerprint()
+    store = ResultsStore(cfg.paths.results_dir).run(identity, columns)
     if cfg.dry_run:
         state = "complete" if store.is_complete() else "to run"
         print(f"run {store.key} ({state}): " + " ".join(f"{k}={v}" for k, v in columns.items()))

@@ -242,6 +242,20 @@ def backbone_scale(model: dict[str, Any]) -> float:
 
 # ---- the dataset ---------------------------------------------------------------------------
 
+def job_fingerprint(data: dict[str, Any], subject: int) -> str | None:
+    """The data fingerprint a run of this job would key on (as pipeline.run does), or None while
+    the synthetic twin is not written: then no run of it can be complete yet."""
+    from brainrobust.data.layouts import data_fingerprint
+
+    if data.get("synthetic") is not None:
+        from brainrobust.data.synthetic import MARKER
+
+        if not (Path(data["root"]).expanduser() / MARKER).is_file():
+            return None
+    return data_fingerprint(data["layout"], data["root"], subject, data["rois"],
+                            data.get("synthetic"), data.get("loader_kwargs"))
+
+
 def image_counts(data: dict[str, Any], subject: int, notes: set[str]) -> tuple[int, int]:
     """(train, test) images of one subject, counted from the dataset's design and file listing."""
     root = Path(data["root"]).expanduser()
@@ -380,12 +394,17 @@ def plan(experiment: str, overrides: list[str]) -> dict[str, Any]:
     done = 0
     for plain in jobs:
         identity = config_identity(plain, cuda_available=True)
-        store = ResultsStore(plain["paths"]["results_dir"]).run(identity, key_columns(plain))
-        if store.is_complete():
-            done += 1
-            continue
         data, subject = plain["data"], int(plain["subject"])
         stimuli = repr([data.get(k) for k in ("layout", "root", "synthetic", "loader_kwargs")])
+        content = (stimuli, subject, repr(data["rois"]))
+        if content not in memo:
+            memo[content] = job_fingerprint(data, subject)
+        if memo[content] is not None:
+            identity["data_fingerprint"] = memo[content]
+            store = ResultsStore(plain["paths"]["results_dir"]).run(identity, key_columns(plain))
+            if store.is_complete():
+                done += 1
+                continue
         if (stimuli, subject) not in memo:
             memo[stimuli, subject] = image_counts(data, subject, notes)
         job = Job(plain, identity, *memo[stimuli, subject], notes, memo)

@@ -22,7 +22,7 @@ from brainrobust.probes.base import Shard, merge_shards
 from brainrobust.results.store import ResultsStore
 
 # Deterministic attacks (no random start), so one process and two ranks must agree image by image.
-ATTACK = ["roi=[FFA,PPA]", "attack.random_start=false", "attack.steps=5"]
+ATTACK = ["roi=[FFA,PPA]", "attack=pgd", "attack.random_start=false", "attack.steps=5"]
 PROBES = [
     "probe=[sensitivity,subspace,effect_matched,targeted,transfer]",
     "probe.sensitivity.max_images=9", "probe.sensitivity.random_draws=1",
@@ -152,6 +152,7 @@ def _srun(argv: list[str]) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.slow  # several ranks as real processes
 def test_two_ranks_write_one_run_that_matches_one_process(ddp_runs):
     single, ddp = ddp_runs["single"], ddp_runs["lightning"]
     # Rank 0 alone printed the summary table; each rank attacked its own half of the images.
@@ -181,6 +182,7 @@ def test_two_ranks_write_one_run_that_matches_one_process(ddp_runs):
         assert merged[key].shape[axis] == len(whole["image_id"])
 
 
+@pytest.mark.slow  # several ranks as real processes
 def test_srun_ranks_give_the_same_records_as_lightning_ranks(ddp_runs):
     assert sum(out.count("records:") for out in ddp_runs["srun_out"]) == 1
     lightning, srun = ddp_runs["lightning"], ddp_runs["srun"]
@@ -189,6 +191,7 @@ def test_srun_ranks_give_the_same_records_as_lightning_ranks(ddp_runs):
         pd.testing.assert_frame_equal(_records(srun, probe), _records(lightning, probe))
 
 
+@pytest.mark.slow  # several ranks as real processes
 def test_an_error_on_one_rank_ends_every_rank_with_its_line(ddp_runs):
     """Targeted runs on rank 0 alone; its missing start image must not leave rank 1 waiting."""
     tmp = ddp_runs["tmp"]

@@ -1,5 +1,6 @@
 """The DEFAULT attack against known answers (issue 16): planted linear encoders whose optima are
-closed-form, at the composed default config, and the convergence report on every record.
+closed-form, at the composed default config; the convergence report on every record; Auto-PGD's
+mechanics and its torchattacks peer; and (slow) a long reference run on the zoo's random CNN.
 
 A planted encoder is f(x) = R B (x - 1/2): a linear "backbone" B (features x pixels) and a readout
 R (voxels x features), both Gaussian, so the voxel-pattern optimum eps * sigma_1(R B) has
@@ -39,6 +40,9 @@ from brainrobust.results.store import ResultsStore
 
 U32 = 2.0 ** -24  # float32 unit roundoff
 SIZE = 16
+# ||delta|| may exceed eps only by float32 rounding: of eps itself (u), and in the L2 projection,
+# of a norm summed pairwise (log2 D roundings) and of the rescaling (u).
+NORM_SLACK = (2 + math.ceil(math.log2(3 * SIZE * SIZE))) * U32
 EPS = {"l2": 0.5, "linf": 8 / 255}
 
 
@@ -82,6 +86,28 @@ def near_grey(n: int, seed: int = 1) -> torch.Tensor:
     return 0.5 + 0.05 * (2 * torch.rand(n, 3, SIZE, SIZE, generator=g) - 1)
 
 
+def zoo_encoder(model: str, size: int, voxels: int, seed: int = 0) -> BrainEncoder:
+    """A zoo backbone at `size` px with a random readout, ROIs "roi" (half) and "all"."""
+    spec = dataclasses.replace(get_spec(model), input_size=size)
+    features = build_feature_model(spec)
+    with torch.no_grad():
+        width = features(torch.rand(1, 3, size, size)).shape[1]
+    g = torch.Generator().manual_seed(seed)
+    readout = LinearReadout(torch.randn(width, voxels, generator=g) / math.sqrt(width),
+                            torch.zeros(voxels))
+    rois = {"roi": list(range(voxels // 2)), "all": list(range(voxels))}
+    encoder = BrainEncoder(features[0], features[1], readout, rois, size).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder
+
+
+def smooth_images(n: int, size: int, seed: int = 1) -> torch.Tensor:
+    """Natural-image-like inputs: random 8 x 8 colour fields, upsampled."""
+    low = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+
+
 def attack(encoder, W, roi, kind, norm, n=8, seed=0, cfg=None):
     """(exact float64 objective of the returned delta, the result) at the default config."""
     x = near_grey(n)
@@ -96,8 +122,7 @@ def attack(encoder, W, roi, kind, norm, n=8, seed=0, cfg=None):
 
 
 def never_above(exact, optimum):
-    # The float32 budget and projection can leave ||delta|| a few ulps above eps, nothing more.
-    assert (exact <= optimum * (1 + 8 * U32)).all(), (exact / optimum).max()
+    assert (exact <= optimum * (1 + NORM_SLACK)).all(), (exact / optimum).max()
 
 
 # --- known answers at the default config ----------------------------------------------------------
@@ -107,6 +132,7 @@ def never_above(exact, optimum):
 def test_roi_mean_reaches_its_optimum(norm, kind):
     encoder, W = planted()
     w_bar = W[encoder.rois["roi"]].mean(0)
+    assert EPS["l2"] * w_bar.abs().max() / w_bar.norm() < 0.45  # the box never binds
     optimum = EPS[norm] * (w_bar.norm() if norm == "l2" else w_bar.abs().sum())
     exact, _ = attack(encoder, W, "roi", kind, norm)
     assert (exact >= 0.99 * optimum).all(), (exact / optimum).min()
@@ -248,7 +274,7 @@ def test_auto_pgd_keeps_the_engine_guarantees():
         a = pgd(objective, xe, eps, cfg, generator=torch.Generator().manual_seed(5))
         b = pgd(objective, xe, eps, cfg, generator=torch.Generator().manual_seed(5))
         assert torch.equal(a.delta, b.delta) and torch.equal(a.conv_gain, b.conv_gain)
-        assert (a.norm <= eps * (1 + 8 * U32)).all()
+        assert (a.norm <= eps * (1 + NORM_SLACK)).all()
         assert ((xe + a.delta) >= 0).all() and ((xe + a.delta) <= 1).all()
         with torch.no_grad():  # the reported objective is that of the returned delta
             torch.testing.assert_close(a.objective, objective(xe + a.delta))
@@ -301,25 +327,3 @@ def test_default_is_within_one_percent_of_a_long_reference_on_a_random_cnn(norm,
         # A mean over images: the random CNN's optima differ by restart (conv_spread shows it),
         # so one image may land in a lower one; the study reports means over images.
         assert ratio.mean() >= 0.99, (kind, ratio)
-
-
-def zoo_encoder(model: str, size: int, voxels: int, seed: int = 0) -> BrainEncoder:
-    """A zoo backbone at `size` px with a random readout, ROIs "roi" (half) and "all"."""
-    spec = dataclasses.replace(get_spec(model), input_size=size)
-    features = build_feature_model(spec)
-    with torch.no_grad():
-        width = features(torch.rand(1, 3, size, size)).shape[1]
-    g = torch.Generator().manual_seed(seed)
-    readout = LinearReadout(torch.randn(width, voxels, generator=g) / math.sqrt(width),
-                            torch.zeros(voxels))
-    rois = {"roi": list(range(voxels // 2)), "all": list(range(voxels))}
-    encoder = BrainEncoder(features[0], features[1], readout, rois, size).eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    return encoder
-
-
-def smooth_images(n: int, size: int, seed: int = 1) -> torch.Tensor:
-    """Natural-image-like inputs: random 8 x 8 colour fields, upsampled."""
-    low = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
-    return F.interpolate(low, size=size, mode="bilinear", align_corners=False)

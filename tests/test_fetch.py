@@ -217,8 +217,6 @@ def test_partial_copies_refuse_what_they_do_not_hold(tmp_path):
             partial.require_rows(f, path, np.array([11]))
 
 
-@pytest.mark.xfail(strict=True, reason="until NSDLoader calls partial.require_voxels and "
-                   "partial.require_rows (docs/fetch.md); then drop this mark")
 def test_the_loader_refuses_rois_and_images_not_fetched(tmp_path, twin, server):
     fetch(tmp_path, server.url, "--roi-only", "FFA", subjects=("1",))
     loader = NSDLoader(tmp_path)

@@ -1,5 +1,6 @@
 """End to end on the synthetic twin: config -> data -> encoder -> probes -> results store."""
 
+import re
 import subprocess
 import sys
 
@@ -129,7 +130,7 @@ def test_wandb_offline_writes_a_run_and_needs_no_network(make_cfg, tmp_path, mon
     assert store.is_complete()
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    data = next(runs[0].glob("*.wandb")).read_bytes()
+    data = wandb_payload(next(runs[0].glob("*.wandb")))
     for key in (b"sensitivity/FFA/l2_eps0.1/abs_s", b"predictivity/FFA/r", b"sensitivity/records",
                 b"run_key"):
         assert key in data, key
@@ -141,8 +142,28 @@ def test_wandb_offline_writes_a_run_and_needs_no_network(make_cfg, tmp_path, mon
     run(make_cfg("logger=wandb"))
     again = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(again) == 2 and {r.name.rsplit("-", 1)[1] for r in again} == {store.key}
-    assert b"sensitivity/FFA/l2_eps1/abs_s" in next(
-        next(r for r in again if r != runs[0]).glob("*.wandb")).read_bytes()
+    assert b"sensitivity/FFA/l2_eps1/abs_s" in wandb_payload(
+        next(next(r for r in again if r != runs[0]).glob("*.wandb")))
+
+
+def wandb_payload(path):
+    """The records of a W&B run file joined, without the framing that splits them.
+
+    The file is a log of 32 KiB blocks (a 7-byte file header, then per fragment 4 bytes of
+    checksum, 2 of length, 1 of type): a name can straddle a block boundary, so searching the
+    raw bytes would miss it.
+    """
+    raw = path.read_bytes()
+    block, out, pos = 32768, bytearray(), 7
+    while pos + 7 <= len(raw):
+        room = block - pos % block
+        if room < 7:  # a block's tail too short for a header is padding
+            pos += room
+            continue
+        length = int.from_bytes(raw[pos + 4:pos + 6], "little")
+        out += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+    return bytes(out)
 
 
 def dashboard_names(path, **fill):
@@ -166,12 +187,32 @@ def test_force_redoes_every_probe_of_a_finished_run(make_cfg, monkeypatch):
 
 
 def test_readme_main_job_runs_as_a_user_types_it(synthetic_root, tmp_path):
-    """`python run.py` with its defaults (progress bar, CSV logger), only the files moved to tmp."""
+    """`make demo`'s command with its defaults (progress bar, CSV logger), only the files moved
+    to tmp."""
     root, _ = synthetic_root
+    demo = re.search(r"^DEMO \?= (.*)$", (REPO / "Makefile").read_text(), re.MULTILINE).group(1).split()
     out = subprocess.run(
-        [sys.executable, "run.py", f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
+        [sys.executable, "run.py", *demo, f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
          f"paths.results_dir={tmp_path / 'results'}", f"paths.log_dir={tmp_path / 'logs'}"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "|s| eps=" in out.stdout and "records: " in out.stdout
+    # What the user reads: the tables with their units, where the records went, and a live bar
+    # per probe; none of Lightning's device or advertising notices, no library warnings.
+    assert "sensitivity: mean |s| = |r(x) - r(x + delta)|" in out.stdout and "records: " in out.stdout
+    assert "predictivity: Pearson r" in out.stdout and "r/sqrt(NC)" in out.stdout
+    assert "sensitivity FFA l2 eps 0.1..1" in out.stderr  # the probe's progress bar
+    for noise in ("GPU available", "TPU available", "Tip:", "LeafSpec", "Warning"):
+        assert noise not in out.stderr + out.stdout, noise
     assert list((tmp_path / "logs").rglob("metrics.csv"))
+
+
+@pytest.mark.slow
+def test_no_progress_bar_when_switched_off(synthetic_root, tmp_path):
+    """trainer.enable_progress_bar=false (set by `isolated`) silences every bar: the test loop,
+    feature extraction and the probes."""
+    root, _ = synthetic_root
+    out = subprocess.run(
+        [sys.executable, "run.py", *isolated(root, tmp_path), "probe.sensitivity.max_images=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "it/s" not in out.stderr and "img/s" not in out.stderr and "%|" not in out.stderr

@@ -11,9 +11,17 @@ import pytest
 from helpers import REPO, compose_config
 from omegaconf import OmegaConf
 
+from brainrobust.data.synthetic import ensure_synthetic_nsd
 from brainrobust.errors import ConfigError
 from brainrobust.identity import config_identity, key_columns
-from brainrobust.plan import GMACS, backbone_scale, job_configs, plan, search_rounds
+from brainrobust.plan import (
+    GMACS,
+    backbone_scale,
+    job_configs,
+    job_fingerprint,
+    plan,
+    search_rounds,
+)
 from brainrobust.results.store import ResultsStore
 
 # The default synthetic twin, before a run writes it: 80 test images.
@@ -193,8 +201,11 @@ def test_completed_jobs_are_not_counted(tmp_path):
     out = one_job(tmp_path, "subject=1,2")
     assert (out["jobs"], out["done"]) == (2, 0)
     (cfg,) = job_configs("sensitivity", job_overrides(tmp_path, "subject=2"))
-    ResultsStore(tmp_path / "results").run(config_identity(cfg, cuda_available=True),
-                                           key_columns(cfg)).mark_complete()
+    # A run's key holds its data's fingerprint (as pipeline.run makes it): the twin must exist.
+    identity = config_identity(cfg, cuda_available=True)
+    ensure_synthetic_nsd(cfg["data"]["root"], **cfg["data"]["synthetic"])
+    identity["data_fingerprint"] = job_fingerprint(cfg["data"], 2)
+    ResultsStore(tmp_path / "results").run(identity, key_columns(cfg)).mark_complete()
     after = one_job(tmp_path, "subject=1,2")
     assert (after["jobs"], after["done"], after["to_run"]) == (2, 1, 1)
     assert part(after, "sensitivity")["image_steps"] == part(out, "sensitivity")["image_steps"] / 2

@@ -84,6 +84,7 @@ def test_probe_writes_records_and_subspaces(tmp_path, models):
         "participation_ratio",
         "gap_ratio",
         "residual",
+        "error_bound",
         "iterations",
     }
     assert set(records.roi) == {"FFA"} and sorted(set(records.image_id)) == sorted(models["ids"])

@@ -50,15 +50,18 @@ def planted(sigma, n_voxels, seed=0, right=None):
 
 
 def check_certified(sub, truth, eig_next):
-    """Converged, accurate, and the recorded residual certifies the accuracy (Davis-Kahan)."""
+    """Converged, accurate, and the recorded accuracy certifies it (Davis-Kahan)."""
     overlap = subspace_similarity(sub.p, truth)
     assert overlap.min() >= 0.99
-    residual, iterations = sub.residual.double().numpy(), sub.iterations.numpy()
-    assert (residual <= TOL).all() and ((iterations >= 1) & (iterations <= MAX_ITERS)).all()
+    residual, bound = sub.residual.double().numpy(), sub.error_bound.double().numpy()
+    assert ((residual <= TOL).all(1) | (bound <= TOL)).all()
+    assert ((sub.iterations >= 1) & (sub.iterations <= MAX_ITERS)).all()
+    # With the exact gap the bound is a theorem; the recorded one estimates the gap. Both up to
+    # float32 rounding of the two subspaces, orders of magnitude below 1e-5.
     theta_k = sub.sigma[:, -1].double().numpy() ** 2
     gap = 1 - eig_next / theta_k
-    # Plus float32 rounding of both subspaces, orders of magnitude below 1e-5.
     np.testing.assert_array_less(1 - overlap, (residual**2).mean(1) / gap**2 + 1e-5)
+    np.testing.assert_array_less(1 - overlap, bound + 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +121,8 @@ def test_an_image_stopped_by_max_iters_reports_it():
     sub = top_k_right_singular(
         enc, x, generator=torch.Generator().manual_seed(0), **default_settings(max_iters=2)
     )
-    assert (sub.iterations == 2).all() and (sub.residual.amax(1) > TOL).all()
+    assert (sub.iterations == 2).all()
+    assert (sub.residual.amax(1) > TOL).all() and (sub.error_bound > TOL).all()
     assert subspace_similarity(sub.p, right[:, :K].expand(2, -1, -1)).max() < 0.99
 
 
@@ -133,12 +137,16 @@ def test_probe_records_the_accuracy_it_reached(tmp_path):
     store, records = run_probe(tmp_path, enc, "flat", images, ids, **settings)
     metric = records.set_index(["metric", "image_id"]).value
     arrays = store.load_array("subspace_FFA")
-    assert arrays["residual"].shape == (3, K) and arrays["iterations"].shape == (3,)
+    assert arrays["residual"].shape == (3, K)
+    assert arrays["error_bound"].shape == arrays["iterations"].shape == (3,)
     np.testing.assert_array_equal(metric["iterations"].loc[ids], arrays["iterations"])
     assert ((arrays["iterations"] >= 1) & (arrays["iterations"] <= MAX_ITERS)).all()
     residual = metric["residual"].loc[ids].to_numpy()
-    assert (residual <= TOL).all()
+    bound = metric["error_bound"].loc[ids].to_numpy()
+    assert ((residual <= TOL) | (bound <= TOL)).all()
+    # fp16 arrays, float64 records.
     np.testing.assert_allclose(residual, arrays["residual"].max(1), rtol=1e-3)
+    np.testing.assert_allclose(bound, arrays["error_bound"], rtol=1e-3, atol=1e-7)
     p = np.linalg.qr(arrays["P"].astype(np.float32))[0]
     truth = np.broadcast_to(right[:, :K].numpy(), p.shape)
     assert subspace_similarity(p, truth).min() >= 0.99

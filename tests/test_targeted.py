@@ -14,6 +14,7 @@ from brainrobust.errors import ConfigError, DataError
 from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.image_selection import ImageSelection, load_image_files
 from brainrobust.probes.targeted import TargetedProbe
+from brainrobust.results.loggers import scalars
 from brainrobust.results.store import ResultsStore
 
 S = 16
@@ -212,7 +213,9 @@ def test_run_writes_records_arrays_and_media(setup, tmp_path):
         assert video.shape[0] == 5
         assert Image.open(media / f"{stem}_strip.png").size == (5 * S + 4 * 2, S)
         assert Image.open(media / f"{stem}_responses.png").format == "PNG"
-    assert probe.summary(records)["targeted/increase_A/change_A"] > 3.9
+    # The scalar sent to the loggers: A's mean change at the largest budget.
+    sent = scalars("targeted", records, probe.settings)
+    assert sent[f"targeted/A/direction=increase/driven_roi=A/l2_eps{SCHEDULE[-1]:g}/response_change"] > 3.9
 
 
 def test_selection_by_measured_and_bottom(setup, tmp_path):

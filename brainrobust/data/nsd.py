@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from brainrobust.cache import ArrayCache
+from brainrobust.data import partial
 from brainrobust.data.datafiles import check_image_size, is_file, stat_file, stat_key
 
 # Re-exported: brainrobust.fetch and the tests take the layout's names from this module.
@@ -367,6 +368,7 @@ class NSDLoader(NSDLayout):
                             "beta files must be the same subject's func1pt8mm grid")
                     raise DataError(f"{path}: dataset 'betas' has shape {ds.shape}, expected "
                                     f"(750, Z, Y, X) = {expected}")
+                partial.require_voxels(f, path, flat)
                 try:
                     source = _box_source(ds, path)
                     for idx in boxes:
@@ -397,6 +399,7 @@ class NSDLoader(NSDLayout):
             if len(ids) and (ids.min() < 0 or ids.max() >= ds.shape[0]):
                 raise DataError(f"image id {int(ids.max())} outside {path}'s {ds.shape[0]} images; "
                                 "the stimuli file does not match the design")
+            partial.require_rows(f, path, ids)
             size = self.image_size or ds.shape[1]
             out = np.empty((len(ids), size, size, 3), np.uint8)
             order = np.argsort(ids, kind="stable")

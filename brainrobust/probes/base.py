@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Beside a run's records: the chunks of probes still running (kept for resumption).
 PARTIAL = "partial"
+MIN_CHUNKS = 10
 # Seeds of DDP ranks are this far apart, so shards never share random draws; rank 0 keeps the run's.
 RANK_SEED_STRIDE = 1_000_003
 # How long the other ranks wait for rank 0 (a rank-0-only probe, the merge): a SLURM job's
@@ -170,8 +171,10 @@ class Probe(L.Callback):
         """`work(start, stop)` over n images in chunks (`chunks.run_chunks`): a live bar, each
         finished chunk kept for a rerun to resume from, a SIGTERM honoured between chunks.
         `what` names the chunks within this probe (e.g. the ROI); `generator` is the one
-        `work` draws from."""
+        `work` draws from. A chunk is at most a tenth of the images, so the bar and the kept
+        chunks advance even when all images would fit one batch."""
         tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
+        batch_size = min(batch_size, -(-n // MIN_CHUNKS))
         with self.progress(n, "img", what) as bar:
             return run_chunks(n, batch_size, work, advance=bar.update, kept=self._kept, tag=tag,
                               generator=generator, should_stop=self._should_stop)

@@ -15,7 +15,7 @@ Randomized block Krylov iteration, l = k + oversample columns per block:
     repeat (iteration i = 1, 2, ..., max_iters):
         JQ = U S W^T;  P = Q W[:, :l],  sigma = S[:l]     Rayleigh-Ritz, no product
         R = J^T (U S)[:, :l] - P sigma^2                  l VJPs: the Ritz residuals A p - sigma^2 p
-        stop if ||r_j|| <= tol sigma_k^2 for j <= k
+        stop if ||r_j|| <= tol sigma_k^2 for j <= k, or if their error bound is <= tol
         B = orth(R against Q);  Q = [Q B];  JQ = [JQ, J B]   l JVPs
 
 The residual block is orthogonal to Q (Galerkin) and spans A B_last modulo Q, so Q grows as the
@@ -28,15 +28,18 @@ values 10..5 (and a tail below 5) with k = 10, l = 20 it reaches overlap 0.9996 
 where subspace iteration needs about 16 (0.78 at 3). The price is memory: Q holds l i columns of
 D per image.
 
-Stopping: the relative Ritz residual ||A p_j - sigma_j^2 p_j|| / sigma_k^2 <= tol for each of the
-top k. It bounds what we want, the subspace error: by Davis & Kahan's sin-theta theorem the
-squared sines of the principal angles between the top-k Ritz subspace and the exact one sum to
-at most sum_j ||r_j||^2 / delta^2, delta = sigma_k^2 - sigma_(k+1)^2 (the eigengap of A), so
-overlap >= 1 - (tol / relgap)^2 with relgap = 1 - (sigma_(k+1) / sigma_k)^2. The change between
-successive iterates' subspaces, the other common test, is smallest where convergence is slowest
-(a small gap), so it stops early exactly there. Each image stops on its own: a converged image
-leaves the batch (the products are rebuilt for the rest), and the batch stops when none is left
-or at max_iters; `Subspace.residual` and `Subspace.iterations` record what each image reached.
+Stopping, per image: every top-k relative Ritz residual ||A p_j - sigma_j^2 p_j|| / sigma_k^2 is
+<= tol or, sooner, the error bound they give is. That bound is why residuals: by Davis & Kahan's
+sin-theta theorem, 1 - overlap with the exact top-k (overlap = the mean squared cosine of the
+principal angles) is at most mean_j ||r_j||^2 / delta^2, delta = sigma_k^2 - sigma_(k+1)^2 the
+eigengap of A (sigma_(k+1)^2 estimated as its Ritz value plus its residual). Residuals <= tol
+alone give overlap >= 1 - (tol / relgap)^2, relgap = 1 - (sigma_(k+1) / sigma_k)^2, so at
+tol = 1e-3 the first test certifies 0.99 down to relgap 0.01 (0.017 for 64 singular values
+10..5), and it stops an image whose gap is too small to resolve; the second stops a gapped
+spectrum an iteration or two sooner. The change between successive iterates' subspaces, the
+other common test, is smallest where convergence is slowest (a small gap), so it stops early
+exactly there. A converged image leaves the batch (the products are rebuilt for the rest), and
+the batch stops when none is left or at max_iters; `Subspace` records what each image reached.
 """
 
 from __future__ import annotations
@@ -154,8 +157,12 @@ class Subspace(NamedTuple):
     p : (B, D, k) float32, orthonormal columns ordered by decreasing singular value (the sign of
         each column is arbitrary).
     sigma : (B, k) float32, descending; the eigenvalues of J^T J are sigma ** 2.
-    residual : (B, k) float32, ||J^T J p_j - sigma_j^2 p_j|| / sigma_k^2, the convergence measure
-        (float rounding only, for the exact method); NaN where J = 0.
+    residual : (B, k) float32, ||J^T J p_j - sigma_j^2 p_j|| / sigma_k^2 (float rounding only,
+        for the exact method); NaN where J = 0.
+    error_bound : (B,) float32, the Davis-Kahan bound on 1 - overlap with the exact top-k,
+        mean_j ||r_j||^2 / (sigma_k^2 - lambda_(k+1))^2, with lambda_(k+1) taken as its Ritz value
+        plus its residual (an estimate: Ritz values only underestimate, and an eigenvalue lies
+        within each residual); inf where that leaves no gap.
     iterations : (B,) int64, applications of J^T J the randomized method used (0: exact).
     sigma_next : (B,) float32, sigma_(k+1), for the gap sigma_(k+1) / sigma_k that says how well
         the top-k subspace is determined: a Rayleigh-Ritz value (a slight underestimate) for the
@@ -166,6 +173,7 @@ class Subspace(NamedTuple):
     p: Tensor
     sigma: Tensor
     residual: Tensor
+    error_bound: Tensor
     iterations: Tensor
     sigma_next: Tensor
 
@@ -196,7 +204,8 @@ def top_k_right_singular(
         Extra probe columns per block of the randomized method.
     max_iters, tol
         The randomized method stops an image once each of its top-k relative Ritz residuals is
-        <= tol, or after max_iters applications of J^T J (module docstring).
+        <= tol or their error bound is, or after max_iters applications of J^T J (module
+        docstring).
     generator
         Source of the Gaussian start block (on x's device); None uses the global RNG.
     method
@@ -230,6 +239,20 @@ def top_k_right_singular(
         return _block_krylov(fn, x, ops, k, width, max_iters, tol, generator)
 
 
+def _accuracy(norms: Tensor, s: Tensor, k: int, rank_bound: int) -> tuple[Tensor, Tensor]:
+    """Relative residuals (B, k) and error bounds (B,) of `Subspace` from n >= k Ritz pairs'
+    residual norms and singular values, both (B, n); n > k unless the rank bound is k."""
+    eig = s**2
+    eig_k = eig[:, k - 1]
+    if s.shape[1] > k:
+        next_eig = eig[:, k] + norms[:, k]
+    else:
+        next_eig = torch.full_like(eig_k, 0.0 if rank_bound == k else float("inf"))
+    gap = eig_k - next_eig
+    bound = (norms[:, :k] ** 2).mean(1) / gap**2
+    return norms[:, :k] / eig_k[:, None], torch.where(gap > 0, bound, float("inf"))
+
+
 def _sigma_after(s: Tensor, k: int, rank_bound: int) -> Tensor:
     """sigma_(k+1) from (B, n) descending singular values (see `Subspace.sigma_next`)."""
     if s.shape[1] > k:
@@ -253,6 +276,7 @@ def _block_krylov(
         p=x.new_empty(n, ops.n_in, k, dtype=torch.float32),
         sigma=x.new_empty(n, k, dtype=torch.float32),
         residual=x.new_empty(n, k, dtype=torch.float32),
+        error_bound=x.new_empty(n, dtype=torch.float32),
         iterations=torch.zeros(n, dtype=torch.int64, device=x.device),
         sigma_next=x.new_empty(n, dtype=torch.float32),
     )
@@ -269,15 +293,17 @@ def _block_krylov(
         s = s_all[:, :width]
         p = q @ wh[:, :width].mT
         r = ops.jt(u[:, :, :width] * s[:, None]).float() - p * s[:, None] ** 2
-        norms = torch.linalg.vector_norm(r, dim=1)[:, :k]
-        eig_k = s[:, k - 1 : k] ** 2
-        # Compared unscaled, so an image whose J is 0 (0 <= 0) converges instead of running on.
-        done = (norms <= tol * eig_k).all(1) | (iteration == last)
+        norms = torch.linalg.vector_norm(r, dim=1)
+        residual, bound = _accuracy(norms, s, k, rank_bound)
+        # Residuals compared unscaled, so an image whose J is 0 (0 <= 0) converges.
+        converged = (norms[:, :k] <= tol * s[:, k - 1 : k] ** 2).all(1) | (bound <= tol)
+        done = converged | (iteration == last)
         # One host sync per iteration, negligible next to its 2 l products.
         if done.any().item():
             idx = active[done]
             out.p[idx], out.sigma[idx] = p[done, :, :k], s[done, :k]
-            out.residual[idx], out.iterations[idx] = norms[done] / eig_k[done], iteration
+            out.residual[idx], out.error_bound[idx] = residual[done], bound[done]
+            out.iterations[idx] = iteration
             out.sigma_next[idx] = _sigma_after(s_all[done], k, rank_bound)
             if done.all().item():
                 break
@@ -331,13 +357,16 @@ def _exact_top_k(jac: Tensor, k: int) -> Subspace:
     """
     q, r = torch.linalg.qr(jac.mT, mode="reduced")
     _, s, wh = torch.linalg.svd(r.mT, full_matrices=False)
-    p, sigma = q @ wh[:, :k].mT, s[:, :k]
-    rank_bound = min(jac.shape[1], jac.shape[2])
-    # The same measure as the randomized method's, so records compare across methods.
-    resid = jac.mT @ (jac @ p) - p * sigma[:, None] ** 2
-    residual = torch.linalg.vector_norm(resid, dim=1) / sigma[:, k - 1 : k] ** 2
+    rank_bound = s.shape[1]
+    # The randomized method's accuracy measures, so records compare across methods; one pair
+    # past k for the gap.
+    n = min(k + 1, rank_bound)
+    p = q @ wh[:, :n].mT
+    norms = torch.linalg.vector_norm(jac.mT @ (jac @ p) - p * s[:, None, :n] ** 2, dim=1)
+    residual, bound = _accuracy(norms, s[:, :n], k, rank_bound)
     iterations = torch.zeros(jac.shape[0], dtype=torch.int64, device=jac.device)
-    return Subspace(p, sigma, residual, iterations, _sigma_after(s, k, rank_bound))
+    sigma_next = _sigma_after(s, k, rank_bound)
+    return Subspace(p[:, :, :k], s[:, :k], residual, bound, iterations, sigma_next)
 
 
 def orthonormalize(a: Tensor) -> Tensor:

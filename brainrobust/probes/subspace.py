@@ -15,13 +15,13 @@ direction dominates, k when all k are equally sensitive; "gap_ratio" = sigma_(k+
 the next direction, so it, and its similarity to other models' subspaces, is ill-determined
 (and the randomized method converges slowly). With the randomized method sigma_(k+1) is a
 Rayleigh-Ritz value, a slight underestimate. The accuracy reached: "residual", the largest
-relative Ritz residual of the top k, ||J^T J p_j - sigma_j^2 p_j|| / sigma_k^2 (at most tol once
-converged; float rounding for the exact method), and "iterations" (0 for exact; max_iters with
-residual > tol: not converged). With gap_ratio they bound the subspace's error (Davis-Kahan):
-overlap with the exact top-k >= 1 - (residual / (1 - gap_ratio^2))^2.
+relative Ritz residual of the top k, ||J^T J p_j - sigma_j^2 p_j|| / sigma_k^2 (float rounding
+for the exact method); "error_bound", the Davis-Kahan bound they give on 1 - overlap with the
+exact top-k (inf where the gap is unresolved); and "iterations" (0 for exact). A converged image
+has residual <= tol or error_bound <= tol; iterations = max_iters with neither did not converge.
 
-Arrays: `subspace_<roi>` holds P (n, D, k), sigma (n, k), residual (n, k), iterations (n,) and
-image_id (n,), floats as fp16 (full precision is in the records), so
+Arrays: `subspace_<roi>` holds P (n, D, k), sigma (n, k), residual (n, k), error_bound (n,),
+iterations (n,) and image_id (n,), floats as fp16 (full precision is in the records), so
 `brainrobust.analysis.subspaces` compares any pair of runs without recomputing. At 224 x 224
 with k = 10 that is 3 MB per image and ROI: cap max_images.
 """
@@ -68,6 +68,7 @@ class SubspaceProbe(Probe):
         "P": 0,
         "sigma": 0,
         "residual": 0,
+        "error_bound": 0,
         "iterations": 0,
     }
 
@@ -135,7 +136,8 @@ class SubspaceProbe(Probe):
                     size, images[0].numel(), self.k, self.oversample, self.max_iters
                 )
             arrays = self.subspaces(encoder, idx, images, method, generator)
-            stored = {key: arrays[key] for key in ("P", "sigma", "residual", "iterations")}
+            # Everything stored is per image, so DDP shards merge along image_axes.
+            stored = {key: arrays[key] for key in self.image_axes if key != "image_id"}
             ctx.store.save_array(f"subspace_{name}", stored | {"image_id": ids})
             frames.append(self.records(arrays, ids, name, size).assign(method=method))
         records = pd.concat(frames, ignore_index=True)
@@ -151,8 +153,8 @@ class SubspaceProbe(Probe):
         method: str,
         generator: torch.Generator,
     ) -> dict[str, np.ndarray]:
-        """Every image's P (n, D, k) fp16 and, as float64, sigma, residual (n, k), sigma_next (n,),
-        and iterations (n,), batch by batch (fields of `brainrobust.probes.jacobian.Subspace`)."""
+        """Every image's P (n, D, k) fp16, iterations (n,) and, as float64, sigma, residual (n, k),
+        error_bound and sigma_next (n,), batch by batch (`brainrobust.probes.jacobian.Subspace`)."""
         if idx is None:
             fn = encoder
         else:
@@ -177,7 +179,7 @@ class SubspaceProbe(Probe):
             )
             # fp16 at once: P is what dominates memory, and it is stored as fp16 anyway.
             part = {"P": sub.p.half().cpu().numpy(), "iterations": sub.iterations.cpu().numpy()}
-            for key in ("sigma", "residual", "sigma_next"):
+            for key in ("sigma", "residual", "error_bound", "sigma_next"):
                 part[key] = getattr(sub, key).double().cpu().numpy()
             parts.append(part)
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -196,6 +198,7 @@ class SubspaceProbe(Probe):
             if size > self.k:
                 wide["gap_ratio"] = arrays["sigma_next"] / top[:, -1]
         wide["residual"] = arrays["residual"].max(1)
+        wide["error_bound"] = arrays["error_bound"]
         wide["iterations"] = arrays["iterations"]
         wide["image_id"] = ids
         wide["roi"] = roi
