@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO ?= probe.sensitivity.max_images=16
+DEMO ?= probe.sensitivity.max_images=8
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-all lint bench figures clean
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# A first look: the default run on 16 of the twin's 80 test images (all 80: python run.py).
+# A first look: the default run on 8 of the twin's 80 test images (all 80: python run.py).
 demo: install
 	$(BIN)/python run.py $(DEMO)
 

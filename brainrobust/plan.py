@@ -133,12 +133,12 @@ def subspace_work(p: dict[str, Any], job: Job) -> Work:
         raise ConfigError("probe.subspace.method=exact costs one product per ROI voxel, which the "
                           "plan does not know; plan with method=auto (an upper bound)")
     job.notes.add(f"subspace counted at max_iters={p['max_iters']} per image; images whose "
-                  "residuals reach tol sooner (a gapped spectrum: 2-4) take fewer, and "
+                  "residuals reach tol sooner (5 on a gapped benchmark spectrum, 2-3 on the twin) take fewer, and "
                   "method=auto takes the exact Jacobian where that is cheaper")
     # k + 1 directions (one for the gap ratio) plus oversampling; each iteration applies J^T J to
     # a block (2 products per column) after the start block's J^T G and J Q; the products reuse
     # one forward.
-    products = (int(p["k"]) + 1 + int(p["oversample"])) * (2 * int(p["max_iters"]) + 1)
+    products = (int(p["k"]) + int(p["oversample"])) * (2 * int(p["max_iters"]) + 1)
     rows = (1 if p["voxels"] == "all" else job.roi_count(p)) * job.images(p)
     return Work(rows * products, rows)
 

@@ -4,9 +4,10 @@
 # Reproduces: the model x model subspace-similarity matrix per ROI and subject (standard models
 # have distinct subspaces; robust models share directions), against the random baseline k / D.
 # Runs: every model in MODELS x subjects x ROIs, top-10 subspaces of the first 50 test images
-# (randomized subspace iteration, 3 iterations, 10 oversampling columns), then the matrices.
-# Cost: (k + 1 + oversample) x (2 iters + 1) = 147 Jacobian products per image and ROI (about a
-# backward pass each); an ROI with fewer voxels takes the exact Jacobian (one product per voxel).
+# (randomized block Krylov iteration, 5 oversampling columns, run until converged), then the
+# matrices. Cost: (k + oversample) x (2 iterations + 1) Jacobian products per image and ROI (about
+# a backward pass each): at most 495 (16 iterations), typically 165 (5); an ROI with fewer voxels
+# takes the exact Jacobian (one product per voxel).
 # Usage: experiments/subspace.sh [extra hydra overrides, e.g. data=nsd data.root=/data/nsd]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,6 +11,7 @@ from brainrobust.errors import ConfigError, DataError
 from brainrobust.probes.attack import PGDConfig
 from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.effect_matched import EffectMatchedProbe
+from brainrobust.results.loggers import scalars
 from brainrobust.results.store import ResultsStore
 
 S = 16
@@ -140,7 +141,9 @@ def test_every_roi_gets_its_own_target(tmp_path):
     # eps mirrors eps_found so the transfer probe can key the source change on it.
     found = records[records.metric == "eps_found"]
     np.testing.assert_allclose(found.eps, found.value)
-    assert probe.summary(records)["effect_matched/FFA/reached"] == 1.0
+    # The scalar the loggers get: every image reached the effect.
+    assert scalars("effect_matched", records, probe.settings)[
+        "effect_matched/FFA/effect_kind=test_sd/l2/reached"] == 1.0
 
 
 @pytest.mark.parametrize("effect, kw, match", [

@@ -186,6 +186,7 @@ def test_force_redoes_every_probe_of_a_finished_run(make_cfg, monkeypatch):
     assert again.key == store.key and calls == [1]
 
 
+@pytest.mark.slow  # the default attack on 8 images: minutes on 2 cores
 def test_readme_main_job_runs_as_a_user_types_it(synthetic_root, tmp_path):
     """`make demo`'s command with its defaults (progress bar, CSV logger), only the files moved
     to tmp."""

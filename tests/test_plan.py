@@ -99,22 +99,22 @@ def test_effect_matched_counts_bracketing_and_bisection(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "factor"), [
-    ("probe.subspace.k=20", 31 / 21),  # k + 1 + oversample block columns
-    ("probe.subspace.oversample=0", 11 / 21),
-    ("probe.subspace.max_iters=24", 49 / 25),  # 2 max_iters + 1 blocks
+    ("probe.subspace.k=20", 25 / 15),  # k + oversample block columns
+    ("probe.subspace.oversample=0", 10 / 15),
+    ("probe.subspace.max_iters=24", 49 / 33),  # 2 max_iters + 1 blocks
     ("probe.subspace.max_images=5", 0.1),
     ("roi=[FFA,EBA]", 2),
 ])
 def test_subspace_follows_its_settings(tmp_path, override, factor):
     base = part(one_job(tmp_path, experiment="subspace"), "subspace")
-    assert base["image_steps"] == 50 * 21 * 25
+    assert base["image_steps"] == 50 * 15 * 33
     after = part(one_job(tmp_path, override, experiment="subspace"), "subspace")
     assert after["image_steps"] == pytest.approx(factor * base["image_steps"])
 
 
 def test_subspace_with_all_voxels_is_one_jacobian(tmp_path):
     out = one_job(tmp_path, "roi=[FFA,EBA]", "probe.subspace.voxels=all", experiment="subspace")
-    assert part(out, "subspace")["image_steps"] == 50 * 21 * 25
+    assert part(out, "subspace")["image_steps"] == 50 * 15 * 33
 
 
 def test_subspace_exact_needs_voxel_counts(tmp_path):

@@ -128,17 +128,6 @@ class EffectMatchedProbe(Probe):
         records["attack_steps"] = self.attack.steps
         return records
 
-    def summary(self, records: pd.DataFrame) -> dict[str, float]:
-        """Fraction of images that reached the effect and the median eps among them, per ROI."""
-        out = {}
-        for roi, rows in records.groupby("roi"):
-            reached = rows[rows.metric == "reached"]["value"]
-            eps = rows[rows.metric == "eps_found"]["value"].dropna()
-            out[f"{self.name}/{roi}/reached"] = float(reached.mean())
-            if len(eps):
-                out[f"{self.name}/{roi}/eps_found_median"] = float(eps.median())
-        return out
-
     def search(self, encoder: torch.nn.Module, roi: str, x: torch.Tensor, target: float,
                generator: torch.Generator) -> dict[str, np.ndarray]:
         """Bracket, bisect and interpolate the budget of every image of `x` at once.

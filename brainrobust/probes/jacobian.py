@@ -221,7 +221,7 @@ def top_k_right_singular(
     if max_iters < 1:
         raise ConfigError(f"max_iters must be >= 1 (each applies J^T J once), got {max_iters}")
     if not tol > 0:
-        raise ConfigError(f"tol must be > 0 (a relative Ritz residual), got {tol}")
+        raise ConfigError(f"tol must be > 0 (a relative residual and error bound), got {tol}")
     # Parameters need no autograd graph of their own; torch.func transforms ignore no_grad.
     with torch.no_grad():
         ops = JacobianProducts(fn, x, chunk=chunk, jvp_mode=jvp_mode)
