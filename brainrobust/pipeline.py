@@ -38,6 +38,7 @@ from brainrobust.models.features import (
 )
 from brainrobust.models.readout import SOLVERS, LinearReadout, fit_ridge
 from brainrobust.models.zoo import ModelSpec
+from brainrobust.probes.attack import check_budget
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.results.loggers import send
 from brainrobust.results.store import ResultsStore, RunStore
@@ -259,6 +260,16 @@ def claimed(store: RunStore) -> Iterator[None]:
         yield
 
 
+def check_budgets(cfg: DictConfig, size: int) -> None:
+    """Every probe's eps ladder or schedule against the stimulus size (`attack.check_budget`)."""
+    for node in (cfg.get("probe") or {}).values():
+        norm = node.get("norm") or (node.get("attack") or {}).get("norm") or cfg.epsilon.norm
+        for key in ("eps", "eps_schedule"):
+            if node.get(key) is not None:
+                value = node[key]
+                check_budget(list(value) if OmegaConf.is_list(value) else [value], norm, size)
+
+
 def compute(cfg: DictConfig, store: RunStore, spec: ModelSpec, dm: BrainDataModule,
             probes: list[Probe], logger: Any, columns: dict[str, Any]) -> None:
     """Data, encoder, predictivity and probes of one run, written to its store."""
@@ -266,6 +277,7 @@ def compute(cfg: DictConfig, store: RunStore, spec: ModelSpec, dm: BrainDataModu
     trainer = build_trainer(cfg, callbacks=probes, logger=logger)
     dm.prepare_data()
     dm.setup()
+    check_budgets(cfg, dm.stimulus_size)
 
     device = trainer.strategy.root_device
     if device.type == "cuda":

@@ -129,3 +129,27 @@ def test_sigterm_stops_at_a_chunk_and_the_rerun_resumes_there(synthetic_root, tm
     np.testing.assert_array_equal(a.sort_values(["roi", "image_id", "eps", "metric"]).value.to_numpy(),
                                   b.sort_values(["roi", "image_id", "eps", "metric"]).value.to_numpy())
     assert not list(partial.glob("*/partial/sensitivity-*"))
+
+
+def test_an_objective_refuses_an_encoder_put_in_train_mode_after_it_was_built():
+    import torch
+    from helpers import LinearEncoder
+
+    from brainrobust.probes.objectives import make_objective
+
+    encoder = LinearEncoder(torch.randn(4, 3 * 8 * 8), {"A": [0, 1]}).eval()
+    x = torch.rand(2, 3, 8, 8)
+    objective = make_objective(encoder, "A", "increase", x)
+    objective(x)  # eval mode: fine
+    encoder.train()
+    with pytest.raises(ConfigError, match="eval mode"):
+        objective(x)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["epsilon.ladder=[1e9]"], "exceeds the largest l2 distance"),
+    (["epsilon=linf", "epsilon.ladder=[2.0]"], "exceeds the largest linf distance"),
+])
+def test_budgets_that_cannot_be_meant_are_refused(make_cfg, overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        run(make_cfg(*overrides))

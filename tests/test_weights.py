@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from brainrobust.models.weights import (
     load_madry_state_dict,
     load_state_dict_file,
     load_state_dict_into,
+    read_checkpoint,
     resolve_weights,
     weights_identity,
 )
@@ -268,3 +270,26 @@ def test_weights_identity_follows_the_file(tmp_path):
     assert weights_identity(spec) != first
     assert weights_identity(dataclasses.replace(spec, sha256="f" * 64)) == "sha256:" + "f" * 64
     assert weights_identity(get_spec("tiny_cnn_random")) == "random-init:tiny_cnn:seed=0"
+
+
+class _RunsACommand:
+    """A pickle whose loading would call os.system: what a malicious checkpoint carries."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_as_unsafe(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"model": _RunsACommand()}, fh)
+    with pytest.raises(WeightsError, match="refused as unsafe") as err:
+        read_checkpoint(path)
+    assert "model.allow_unsafe_pickle=true" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_empty_checkpoint_names_its_cause(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"is empty \(0 bytes\): an interrupted download"):
+        read_checkpoint(path)

@@ -225,21 +225,24 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
             raise WeightsError(f"{path} is not a readable safetensors file ({err})") from None
     if allow_unsafe_pickle:
         log.warning("unpickling %s with weights_only=False (model.allow_unsafe_pickle=true)", path)
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path} is empty (0 bytes): an interrupted download? fetch it again")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
     except pickle.UnpicklingError as err:
+        # torch's safe unpickler names the refused global, or only the pickle operation that
+        # would have built an object (e.g. a REDUCE calling os.system): both are refusals.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found:
+        what = found.group(1) if found else "an object other than tensors"
+        if found or "Weights only load failed" in str(err):
             raise WeightsError(
-                f"{path} carries a non-tensor object ({found.group(1)}); "
-                "refused because unpickling it "
-                f"could run code; if you trust the file set model.allow_unsafe_pickle=true"
-            ) from None
+                f"{path} refused as unsafe: it carries {what}, and unpickling it could run code; "
+                "if you trust the file set model.allow_unsafe_pickle=true") from None
         raise WeightsError(
-            f"{path} is not a readable torch checkpoint (damaged or another format)"
-        ) from None
+            f"{path} is not a readable torch checkpoint (damaged or another format)") from None
     except (RuntimeError, EOFError, ValueError) as err:
-        raise WeightsError(f"{path} is not a readable torch checkpoint ({err})") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsError(f"{path} is not a readable torch checkpoint ({reason})") from None
 
 
 def _is_safetensors(path: Path) -> bool:

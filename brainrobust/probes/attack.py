@@ -238,6 +238,18 @@ def validate_eps(eps: float | Sequence[float] | Tensor) -> Tensor:
     return values
 
 
+def check_budget(eps: Sequence[float], norm: str, size: int) -> None:
+    """Refuse budgets that cannot be meant at this stimulus size: above the largest distance
+    between two images in [0, 1]^(3 x size x size), every perturbation fits and the budget
+    says nothing (an L2 eps of 1e9, an L-inf eps above 1)."""
+    largest = 1.0 if norm == "linf" else math.sqrt(3 * size * size)
+    too_big = [e for e in validate_eps(eps).tolist() if e > largest]
+    if too_big:
+        raise ConfigError(f"eps {too_big} exceeds the largest {norm} distance between two "
+                          f"{size} x {size} images in [0, 1] ({largest:.4g}); a budget must be "
+                          "smaller to constrain anything")
+
+
 def expand_ladder(x: Tensor, eps_ladder: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
     """Repeat a batch once per budget so the whole ladder is one PGD call.
 

@@ -81,9 +81,7 @@ def make_objective(
                 or not math.isfinite(weight) or weight < 0:
             raise ConfigError(f"hold weight for {name!r} must be a finite number >= 0, "
                               f"got {weight!r}")
-    if encoder.training:
-        raise ConfigError("the encoder must be in eval mode for an attack (call encoder.eval()); "
-                          "in train mode batch statistics couple the images")
+    _require_eval(encoder)
 
     device = clean_x.device
     index = rois[roi].to(device)
@@ -98,6 +96,8 @@ def make_objective(
     def objective(x_adv: Tensor) -> Tensor:
         if x_adv.shape[0] != n:
             raise ConfigError(f"objective built for {n} images was given {x_adv.shape[0]}")
+        # Checked at every call, not only when built: something may switch the mode in between.
+        _require_eval(encoder)
         response = encoder(x_adv)
         value = score(response[:, index], clean_roi)
         for (cols, weight), m0 in zip(held, clean_held):
@@ -105,3 +105,10 @@ def make_objective(
         return value
 
     return objective
+
+
+def _require_eval(encoder: torch.nn.Module) -> None:
+    """Train mode (BatchNorm, dropout) couples the images of a batch: refuse it."""
+    if encoder.training or any(m.training for m in encoder.modules()):
+        raise ConfigError("the encoder must be in eval mode for an attack (call encoder.eval()); "
+                          "in train mode batch statistics couple the images")
