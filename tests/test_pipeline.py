@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -130,20 +131,31 @@ def test_wandb_offline_writes_a_run_and_needs_no_network(make_cfg, tmp_path, mon
     assert store.is_complete()
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    data = wandb_payload(next(runs[0].glob("*.wandb")))
-    for key in (b"sensitivity/FFA/l2_eps0.1/abs_s", b"predictivity/FFA/r", b"sensitivity/records",
-                b"run_key"):
+    # Every name the shipped dashboard's panels use is in the run's files, and the scalars.
+    panels = dashboard_names(REPO / "docs" / "wandb_dashboard.yaml", roi="FFA", norm_eps="l2_eps0.1")
+    keys = [b"sensitivity/FFA/l2_eps0.1/abs_s", b"predictivity/FFA/r", b"sensitivity/records",
+            b"run_key", *(name.encode() for name in panels)]
+    data = settled_payload(next(runs[0].glob("*.wandb")), keys)
+    for key in keys:
         assert key in data, key
-    # Every name the shipped dashboard's panels use is in the run's files.
-    for name in dashboard_names(REPO / "docs" / "wandb_dashboard.yaml", roi="FFA", norm_eps="l2_eps0.1"):
-        assert name.encode() in data, name
 
     # A rerun finds the run complete and still reaches the dashboard: the same W&B run again.
     run(make_cfg("logger=wandb"))
     again = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(again) == 2 and {r.name.rsplit("-", 1)[1] for r in again} == {store.key}
-    assert b"sensitivity/FFA/l2_eps1/abs_s" in wandb_payload(
-        next(next(r for r in again if r != runs[0]).glob("*.wandb")))
+    rerun = next(next(r for r in again if r != runs[0]).glob("*.wandb"))
+    assert b"sensitivity/FFA/l2_eps1/abs_s" in settled_payload(rerun, [b"sensitivity/FFA/l2_eps1/abs_s"])
+
+
+def settled_payload(path, keys, wait=120.0):
+    """The run file once W&B's writer process has appended `keys` (it may still be writing when
+    the run's `finish` returns on a loaded machine), or as it is after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        data = wandb_payload(path)
+        if all(k in data for k in keys) or time.monotonic() > deadline:
+            return data
+        time.sleep(1.0)
 
 
 def wandb_payload(path):
