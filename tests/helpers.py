@@ -53,3 +53,10 @@ class LinearEncoder(nn.Module):
 
     def roi_response(self, x: Tensor, roi: str) -> Tensor:
         return self(x)[:, self.rois[roi].to(x.device)].mean(1)
+
+
+def config_maker(root, tmp: Path, *defaults: str):
+    """compose_config over `isolated(root, tmp)` and `defaults`, then a test's own overrides."""
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(*isolated(root, tmp), *defaults, *overrides)
+    return make

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from helpers import REPO, compose_config, isolated
+from helpers import REPO, config_maker, isolated
 
 import brainrobust.models.features as features_mod
 from brainrobust.models.readout import fit_ridge, pearson_r
@@ -19,12 +19,8 @@ from brainrobust.summary import summary_tables
 
 @pytest.fixture
 def make_cfg(tmp_path, synthetic_root):
-    root, _ = synthetic_root
-
-    def _make(*overrides):
-        return compose_config(*isolated(root, tmp_path), "attack.steps=5", "probe.sensitivity.max_images=6",
-                              "probe.sensitivity.random_draws=2", *overrides)
-    return _make
+    return config_maker(synthetic_root[0], tmp_path, "attack.steps=5",
+                        "probe.sensitivity.max_images=6", "probe.sensitivity.random_draws=2")
 
 
 @pytest.fixture

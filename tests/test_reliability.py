@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import REPO, compose_config, isolated
+from helpers import REPO, config_maker, isolated
 
 from brainrobust import files, pipeline
 from brainrobust.cli import main as cli_main
@@ -21,12 +21,8 @@ from brainrobust.results.store import ResultsStore, _compact
 
 @pytest.fixture
 def make_cfg(tmp_path, synthetic_root):
-    root, _ = synthetic_root
-
-    def _make(*overrides):
-        return compose_config(*isolated(root, tmp_path), "attack.steps=2", "probe.sensitivity.max_images=2",
-                              "probe.sensitivity.random_draws=1", *overrides)
-    return _make
+    return config_maker(synthetic_root[0], tmp_path, "attack.steps=2",
+                        "probe.sensitivity.max_images=2", "probe.sensitivity.random_draws=1")
 
 
 def test_damaged_results_files_mean_not_done_and_are_redone(make_cfg, tmp_path, capsys):
