@@ -19,7 +19,12 @@ torchattacks PGDL2 runs with its documented defaults (alpha = 0.2 at eps = 1.0, 
 0.2 eps; random start) and, second, the Madry step 2.5 eps / N; torchattacks APGD with its
 defaults (rho 0.75, 1 restart, cross-entropy), returning its best-loss point (`best_loss=True`).
 
-    python benchmarks/bench_time_to_quality.py --threads 1              # 2-core CPU: ~1 hour
+The RESULTS.md table (2-core CPU, about 15 min per TinyCNN eps and 40 min for ResNet-18):
+
+    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.1 --threads 1
+    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1
+    python benchmarks/bench_time_to_quality.py --models resnet18_random --eps 0.1 --ref-restarts 2 \
+        --threads 1
 """
 
 from __future__ import annotations
@@ -121,7 +126,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny_cnn_random,resnet18_random")
     parser.add_argument("--objectives", default="abs,pattern")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=6)
     parser.add_argument("--voxels", type=int, default=500)
     parser.add_argument("--eps", type=float, default=0.3, help="L2 budget (the l2_small ladder's middle)")
     parser.add_argument("--grid", default="10,15,20,30,40,50,70,100,140,200,280,400",

@@ -163,7 +163,7 @@ class EffectMatchedProbe(Probe):
         idx = (torch.isfinite(brackets.hi) & (guess < brackets.hi)).nonzero().squeeze(1)
         if len(idx):
             self._attempt(brackets, encoder, roi, x, idx, guess[idx], target, generator)
-        return brackets.results(r_clean)
+        return brackets.results()
 
     def _attempt(self, brackets: _Brackets, encoder: torch.nn.Module, roi: str, x: torch.Tensor,
                  idx: torch.Tensor, eps: torch.Tensor, target: float,
@@ -215,12 +215,12 @@ class _Brackets:
         frac = torch.where(rise > 0, (target - self.effect_lo) / rise, 1.0).clamp(0.0, 1.0)
         return self.lo + frac * (self.hi - self.lo)
 
-    def results(self, r_clean: torch.Tensor) -> dict[str, np.ndarray]:
+    def results(self) -> dict[str, np.ndarray]:
         found = torch.isfinite(self.hi)
         nan = torch.full_like(self.hi, math.nan)
         out = {"eps_found": torch.where(found, self.hi, nan), "eps_lo": self.lo,
                "eps_hi": torch.where(found, self.hi, nan), "reached": found.double(),
-               "r_clean": r_clean, "pgd_runs": self.runs.double(), **self.kept}
+               "r_clean": self.r_clean, "pgd_runs": self.runs.double(), **self.kept}
         arrays = {name: value.cpu().numpy() for name, value in out.items()}
         arrays["delta"] = self.delta.half().cpu().numpy()
         return arrays
