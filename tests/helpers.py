@@ -60,3 +60,17 @@ def config_maker(root, tmp: Path, *defaults: str):
     def make(*overrides: str) -> DictConfig:
         return compose_config(*isolated(root, tmp), *defaults, *overrides)
     return make
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """`python -m brainrobust ARGV` in this process: the one `error:` line it exits 2 with."""
+    import pytest
+
+    from brainrobust.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import REPO
+from helpers import REPO, one_line_error
 from http_server import FolderServer
 
 from brainrobust.cli import main
@@ -58,15 +58,6 @@ def quick_retries(monkeypatch):
 def fetch(root, server_url, *extra, subjects=("1", "2")):
     main(["fetch", "nsd", "--root", str(root), "--subjects", *subjects, "--base-url", server_url,
           "--accept-terms", *extra])
-
-
-def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 def loader_files(root: Path) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import REPO
+from helpers import REPO, one_line_error
 from http_server import FolderServer
 from safetensors.torch import save_file
 
@@ -68,15 +68,6 @@ def server(published, tmp_path, monkeypatch):
 
 def fetch(weights, server_url, *names):
     main(["fetch", "weights", *names, "--weights-dir", str(weights), "--base-url", server_url])
-
-
-def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 def small(name: str):
