@@ -103,6 +103,7 @@ def finished_cli(tmp_path_factory, synthetic_root):
     return root, tmp
 
 
+@pytest.mark.slow
 def test_a_failed_job_does_not_end_the_sweep(synthetic_root, tmp_path):
     """On real NSD some ROIs are missing in some subjects: the sweep runs every other job,
     prints one table over them and lists the failure, exit 2."""

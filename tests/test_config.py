@@ -80,6 +80,7 @@ def test_cli_help_and_cfg_job():
     assert "Deprecat" not in out.stderr
 
 
+@pytest.mark.slow
 def test_multirun_composes(tmp_path):
     # dry_run composes every job and prints its results key without loading anything.
     out = _run_py("--multirun", "subject=1,2", "roi=FFA,PPA", "dry_run=true",
@@ -90,6 +91,7 @@ def test_multirun_composes(tmp_path):
     assert sum("subject=2 rois=PPA" in line for line in jobs) == 1
 
 
+@pytest.mark.slow
 def test_bad_subject_is_one_line(tmp_path):
     out = _run_py("subject=9", f"paths.results_dir={tmp_path}", f"paths.log_dir={tmp_path}")
     assert out.returncode == 2

@@ -41,6 +41,7 @@ def baseline(tmp_path_factory, synthetic_root):
     return _run_in_process(tmp_path_factory.mktemp("uninterrupted"), root).read_records("sensitivity")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_killed_run_resumes_to_identical_records(point, baseline, tmp_path, synthetic_root):
     root, _ = synthetic_root

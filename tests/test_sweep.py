@@ -43,6 +43,7 @@ def sweep(tmp_path, synthetic_root, monkeypatch):
     return _run_all, calls, tmp_path / "results"
 
 
+@pytest.mark.slow
 def test_grid_runs_each_backbone_pass_once_and_resumes(sweep):
     run_all, calls, results = sweep
     stores = run_all()
@@ -63,6 +64,7 @@ def test_grid_runs_each_backbone_pass_once_and_resumes(sweep):
     assert all(s.is_complete() for s in stores)
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_two_job_sweep(tmp_path, synthetic_root):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     root, _ = synthetic_root

@@ -14,12 +14,15 @@ checkpoints, so that first download is trusted and every later load is verified 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
 import pickle
+import pickletools
 import re
 import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -230,11 +233,11 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
     except pickle.UnpicklingError as err:
-        # torch's safe unpickler names the refused global, or only the pickle operation that
-        # would have built an object (e.g. a REDUCE calling os.system): both are refusals.
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = found.group(1) if found else "an object other than tensors"
-        if found or "Weights only load failed" in str(err):
+        # torch's safe unpickler may only name the opcode it stopped at (a FRAME of protocol
+        # 4, say): a stream that parses as a pickle is a refusal, one that does not is damage.
+        found = re.search(r"GLOBAL (\S+?)(?: whose|\s|$)", str(err))
+        if found or _parses_as_pickle(path):
+            what = found.group(1) if found else "an object other than tensors"
             raise WeightsError(
                 f"{path} refused as unsafe: it carries {what}, and unpickling it could run code; "
                 "if you trust the file set model.allow_unsafe_pickle=true") from None
@@ -243,6 +246,22 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
     except (RuntimeError, EOFError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WeightsError(f"{path} is not a readable torch checkpoint ({reason})") from None
+
+
+def _parses_as_pickle(path: Path) -> bool:
+    # torch.save writes a zip holding data.pkl; older checkpoints are a bare pickle.
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                stream = io.BytesIO(archive.read(name))
+        else:
+            stream = io.BytesIO(path.read_bytes())
+        for _ in pickletools.genops(stream):
+            pass
+    except (ValueError, StopIteration, zipfile.BadZipFile, OSError):
+        return False
+    return True
 
 
 def _is_safetensors(path: Path) -> bool:
