@@ -113,11 +113,11 @@ def sensitivity_work(p: dict[str, Any], job: Job) -> Work:
 
 def search_rounds(eps_min: float, eps_max: float, growth: float, rel_tol: float) -> int:
     """PGD runs of effect_matched's longest search: bracketing eps_min * growth**i up to eps_max,
-    then bisection until the bracket (lo, hi] is within rel_tol * hi."""
+    bisection until the bracket (lo, hi] is within rel_tol * hi, then one interpolated attempt."""
     # The tolerance keeps an eps_max that is an exact power of growth from rounding up.
     bracket = math.ceil(math.log(eps_max / eps_min) / math.log(growth) - 1e-9) + 1
     bisect = math.ceil(math.log2((growth - 1) * (1 - rel_tol) / rel_tol))
-    return bracket + max(bisect, 0)
+    return bracket + max(bisect, 0) + 1
 
 
 def effect_matched_work(p: dict[str, Any], job: Job) -> Work:

@@ -8,6 +8,7 @@ import torch
 from helpers import LinearEncoder
 
 from brainrobust.errors import ConfigError, DataError
+from brainrobust.plan import search_rounds
 from brainrobust.probes.attack import PGDConfig
 from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.effect_matched import EffectMatchedProbe
@@ -84,6 +85,9 @@ def test_bisection_finds_the_analytic_eps_of_a_linear_model(tmp_path, kind, valu
     np.testing.assert_allclose(out["norm"], out["eps_found"], rtol=1e-4)
     # Bracketing doubles from 0.01 (log2(expected / 0.01) rounds) before the bisection starts.
     assert (out["pgd_runs"] >= math.ceil(math.log2(expected / 0.01))).all()
+    # ... and never takes more attacks than `brainrobust plan` counts for it.
+    longest = search_rounds(probe.eps_min, probe.eps_max, probe.growth, probe.rel_tol)
+    assert (out["pgd_runs"] <= longest).all()
 
 
 def test_each_image_gets_its_own_budget_and_unreached_ones_are_nan(tmp_path):

@@ -15,7 +15,7 @@ from matplotlib.colors import to_rgba
 
 from brainrobust.analysis import figures
 from brainrobust.analysis.__main__ import build_all
-from brainrobust.analysis.slices import load_records
+from brainrobust.analysis.slices import describe, load_records, slice_columns, slug, split
 from brainrobust.analysis.transfer import transfer_matrix
 from brainrobust.errors import ConfigError
 from brainrobust.results.store import ResultsStore
@@ -146,7 +146,7 @@ def test_eps_figure_panels_hold_one_slice_with_units_legends_and_colours(mixed):
     for ax in panels:
         title = ax.get_title()
         assert len(re.findall(r"\bL2\b|L-inf", title)) == 1, title
-        assert re.search(r"\d+ PGD steps", title) and "n = 2 subjects" in title
+        assert re.search(r"\d+ steps", title) and "n = 2 subjects" in title
         linf = "L-inf" in title
         assert ("L-inf" in ax.get_xlabel()) == linf and "z units" in ax.get_ylabel()
         ticks = [t.get_text() for t in ax.get_xticklabels()]
@@ -266,3 +266,14 @@ def test_report_omits_the_convergence_table_without_the_metrics(tmp_path):
     assert figures.not_converged(load_records(tmp_path / "results")).empty
     html = build_all(tmp_path / "results", tmp_path / "figures").read_text()
     assert "not converged" not in html
+
+
+def test_attack_methods_are_separate_slices():
+    """Auto-PGD and PGD at the same steps reach different optima: never one curve."""
+    rows = pd.DataFrame({"norm_type": "l2", "objective": "abs", "attack_steps": 100,
+                         "attack_method": ["apgd", "pgd", "apgd", "pgd"], "value": [1.0, 0.9, 1.1, 1.0]})
+    assert slice_columns(rows) == ["norm_type", "objective", "attack_method", "attack_steps"]
+    slices = {describe(s): list(part.value) for s, part in split(rows)}
+    assert slices == {"L2, objective abs, Auto-PGD, 100 steps": [1.0, 1.1],
+                      "L2, objective abs, PGD, 100 steps": [0.9, 1.0]}
+    assert {slug(s) for s, _ in split(rows)} == {"l2_abs_apgd_100steps", "l2_abs_pgd_100steps"}

@@ -86,16 +86,17 @@ def test_test_images_come_from_the_dataset(tmp_path, synthetic_root):
 
 
 def test_effect_matched_counts_bracketing_and_bisection(tmp_path):
-    # eps 0.01 .. 10 by x2: 11 bracketing runs; bisection of a x2 bracket to 1%: 7 runs.
-    assert search_rounds(0.01, 10.0, 2.0, 0.01) == 18
-    assert search_rounds(0.01, 20.0, 2.0, 0.01) == 19
-    assert search_rounds(0.01, 10.0, 2.0, 0.005) == 19
-    assert search_rounds(0.01, 10.0, 4.0, 0.01) == 6 + 9
+    # eps 0.01 .. 10 by x2: 11 bracketing runs; bisection of a x2 bracket to 1%: 7 runs; then
+    # one attempt at the interpolated crossing.
+    assert search_rounds(0.01, 10.0, 2.0, 0.01) == 19
+    assert search_rounds(0.01, 20.0, 2.0, 0.01) == 20
+    assert search_rounds(0.01, 10.0, 2.0, 0.005) == 20
+    assert search_rounds(0.01, 10.0, 4.0, 0.01) == 6 + 9 + 1
     base = part(one_job(tmp_path, experiment="effect_matched"), "effect_matched")
-    assert base["image_steps"] == N_TEST * 18 * 20
+    assert base["image_steps"] == N_TEST * 19 * 20
     wider = part(one_job(tmp_path, "probe.effect_matched.eps_max=20.0", "attack.steps=40",
                          experiment="effect_matched"), "effect_matched")
-    assert wider["image_steps"] == pytest.approx(base["image_steps"] * 19 / 18 * 2)
+    assert wider["image_steps"] == pytest.approx(base["image_steps"] * 20 / 19 * 2)
 
 
 @pytest.mark.parametrize(("override", "factor"), [

@@ -136,7 +136,7 @@ FIGURES: dict[str, tuple[str, str, Builder]] = {
     "sensitivity": ("Q1 - sensitivity",
                     ("Mean |r(x) - r(x+delta)| of the ROI-mean prediction against the budget (dashed: "
                      "random noise of the same norm), and sensitivity against predictivity per model. "
-                     "One row of panels per slice (norm, objective, PGD steps and any other setting "
+                     "One row of panels per slice (norm, objective, attack method and steps, and any other setting "
                      "that differs between runs); each point is the mean over subjects of the "
                      "per-subject mean over images, error bars the SEM across subjects."),
                     _sensitivity),

@@ -1,7 +1,7 @@
 """Which records may share a figure, and how a slice, a budget and its axis are labelled.
 
 A slice is one value of everything that changes a probe's numbers apart from the model, subject,
-ROI and budget: the norm, objective and attack steps of the records, and every other run setting
+ROI and budget: the norm, objective, attack method and steps of the records, and every other run setting
 that differs between the runs of that probe (max_images, the PGD step size, the stimulus size...).
 Figures group by `slice_columns` and never pool across them.
 
@@ -23,11 +23,12 @@ import pandas as pd
 from brainrobust.results.store import ResultsStore, load
 
 # Record columns of a slice, always named in its title.
-CORE = ("norm_type", "objective", "attack_steps")
+CORE = ("norm_type", "objective", "attack_method", "attack_steps")
 # Record columns that split a slice only where they differ: replicate seeds, stimulus size.
 EXTRA = ("seed", "image_size")
 SETTING = "cfg."
 NORM_LABELS = {"l2": "L2", "linf": "L-inf"}
+METHOD_LABELS = {"apgd": "Auto-PGD", "pgd": "PGD"}
 
 # Identity entries that define no slice: the encoder (the model column), the subject (averaged
 # or faceted), the ROIs (a record column), the budget ladder (the x axis), entries that the
@@ -36,9 +37,10 @@ NORM_LABELS = {"l2": "L2", "linf": "L-inf"}
 NOT_SETTINGS = ("model", "subject", "seed", "roi", "epsilon", "attack", "experiment_name",
                 "data.subject", "data.rois", "data.image_size")
 # Probe entries that define no slice: the ladder, the ROI subset, how work is batched or saved,
-# and the entries the records carry as columns (norm_type, objective, attack_steps, kind).
+# and the entries the records carry as columns (norm_type, objective, attack_method,
+# attack_steps, kind).
 NOT_PROBE_SETTINGS = ("eps", "rois", "batch_size", "save_perturbations", "attack.norm",
-                      "attack.steps", "objective", "norm", "kind")
+                      "attack.method", "attack.steps", "objective", "norm", "kind")
 
 
 def load_records(root: str | Path) -> pd.DataFrame:
@@ -134,22 +136,24 @@ def _value(value: Any) -> str:
 
 
 def describe(slice_: Mapping[str, Any]) -> str:
-    """A slice as a title, e.g. 'L-inf, objective abs, 20 PGD steps, max_images=50'."""
+    """A slice as a title, e.g. 'L-inf, objective abs, Auto-PGD, 100 steps, max_images=50'."""
     parts = []
     for name, value in slice_.items():
         if name == "norm_type":
             parts.append(NORM_LABELS.get(value, _value(value)))
         elif name == "objective":
             parts.append(f"objective {_value(value)}")
+        elif name == "attack_method":
+            parts.append(METHOD_LABELS.get(value, _value(value)))
         elif name == "attack_steps":
-            parts.append(f"{_value(value)} PGD steps")
+            parts.append(f"{_value(value)} steps")
         else:
             parts.append(f"{name.removeprefix(SETTING)}={_value(value)}")
     return ", ".join(parts)
 
 
 def slug(slice_: Mapping[str, Any]) -> str:
-    """A slice as part of a file name, e.g. 'linf_abs_20steps_max_images-50'."""
+    """A slice as part of a file name, e.g. 'linf_abs_apgd_100steps_max_images-50'."""
     parts = [_value(v) + ("steps" if k == "attack_steps" else "") if k in CORE
              else f"{k.removeprefix(SETTING)}-{_value(v)}" for k, v in slice_.items()]
     return "_".join("".join(c if c.isalnum() or c in ".-" else "-" for c in p) for p in parts)
