@@ -37,12 +37,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from brainrobust import CONF_DIR
 from brainrobust.errors import BrainRobustError, ConfigError
 from brainrobust.identity import config_identity, key_columns
 from brainrobust.preflight import check_overrides
 from brainrobust.results.store import ResultsStore
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 PGD_IMAGE_STEPS_PER_S = 3673.0
 FORWARD_IMAGES_PER_S = 14999.0
 REFERENCE_SIZE = 224
@@ -312,7 +312,7 @@ def sweep_axes(cfg: DictConfig, plain: list[str], sweeps: dict[str, str]) -> lis
 
 def is_value(override: Override) -> bool:
     """A plain key=value, which Hydra sets after composing; anything else changes composition."""
-    return (override.package is None and not (CONF / override.key_or_group).is_dir()
+    return (override.package is None and not (CONF_DIR / override.key_or_group).is_dir()
             and not (override.is_add() or override.is_force_add() or override.is_delete()))
 
 
@@ -325,7 +325,7 @@ def job_configs(experiment: str, overrides: list[str]) -> list[dict[str, Any]]:
     """
     plain, sweeps = split_overrides(overrides)
     head = [f"experiment={experiment}", *plain]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         work = compose("config", overrides=head, return_hydra_config=True)
         axes = sweep_axes(work, plain, sweeps)
         with open_dict(work):
@@ -382,7 +382,7 @@ def plan(experiment: str, overrides: list[str]) -> dict[str, Any]:
     """Jobs, jobs already complete, backbone passes, and the GPU-hours, image-steps and forwards
     of the jobs to run, in total and per part (the backbone passes, the test split, each probe)."""
     # run.py's own check: a mistake on the command line is the same one line here.
-    check_overrides([f"experiment={experiment}", *overrides], CONF)
+    check_overrides([f"experiment={experiment}", *overrides], CONF_DIR)
     try:
         jobs = job_configs(experiment, overrides)
     except (HydraException, OmegaConfBaseException) as err:  # in the experiment's own sweep

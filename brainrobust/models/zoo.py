@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from brainrobust import CONF_DIR
 from brainrobust.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
 MODEL_DIR_ENV = "BRAINROBUST_MODEL_DIR"
-# The package sits beside conf/ in the repository (editable install), so the default
-# registry is found without any configuration.
-MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+MODEL_DIR = CONF_DIR / "model"
 SPEC_TARGET = "brainrobust.models.zoo.ModelSpec"
 
 FAMILIES = ("timm", "madry", "offline")
