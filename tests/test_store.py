@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from brainrobust.errors import BrainRobustError, DataError
+from brainrobust.files import sha256_file
 from brainrobust.results import store as store_mod
 from brainrobust.results.store import ResultsStore, load
 
@@ -57,6 +58,22 @@ def test_arrays_are_fp16_and_round_trip(tmp_path):
     assert len(info["sha256"]) == 64
     with pytest.raises(DataError, match="not found"):
         run.load_array("missing")
+
+
+def test_a_damaged_array_is_refused_not_read(tmp_path):
+    run = ResultsStore(tmp_path).run({"x": 1}, {})
+    info = run.save_array("subspace_FFA", {"basis": np.eye(4, dtype=np.float32)})
+    path = run.array_path("subspace_FFA")
+    assert sha256_file(path) == info["sha256"] == path.with_name(path.name + ".sha256").read_text()
+    # Another run's array copied over it.
+    other = ResultsStore(tmp_path / "b").run({"x": 1}, {})
+    other.save_array("subspace_FFA", {"basis": 2 * np.eye(4, dtype=np.float32)})
+    path.write_bytes(other.array_path("subspace_FFA").read_bytes())
+    with pytest.raises(DataError, match=r"does not match its sha256 .*force=true"):
+        run.load_array("subspace_FFA")
+    # Killed between the array and its checksum: not there yet, so the run redoes it.
+    path.with_name(path.name + ".sha256").unlink()
+    assert not run.has_array("subspace_FFA")
 
 
 def test_mixed_schema_versions_are_refused(tmp_path, monkeypatch):

@@ -85,9 +85,9 @@ def load_subspaces(
     ]
     found: list[StoredSubspaces] = []
     for r in runs:
-        run_dir = store.root / "runs" / r["key"]
-        path = run_dir / "arrays" / f"subspace_{roi}.npz"
-        if not path.exists():
+        run, name = store.open(r), f"subspace_{roi}"
+        run_dir, path = run.dir, run.array_path(name)
+        if not run.has_array(name):
             if _has_subspace_records(run_dir, roi):
                 who = _label(r["columns"], ("model", "subject"))
                 raise DataError(
@@ -95,8 +95,8 @@ def load_subspaces(
                     f"missing; rerun it: `{produce_command(r['columns'], roi)} force=true`"
                 )
             continue
-        with np.load(path, allow_pickle=False) as npz:
-            p, ids = npz["P"].astype(np.float32), npz["image_id"]
+        stored = run.load_array(name)
+        p, ids = stored["P"].astype(np.float32), stored["image_id"]
         # fp16 storage leaves the columns slightly off orthonormal; QR restores an exact basis
         # of the same subspace, so a subspace compared with itself gives 1.
         p = np.linalg.qr(p, mode="reduced")[0]

@@ -14,6 +14,7 @@ whose DONE exists is skipped whole.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -117,25 +118,35 @@ class RunStore:
         return pd.read_parquet(self.records_path(probe))
 
     def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, str]:
-        """Save a large float array (or a dict of arrays) as compressed npz; floats kept as fp16."""
+        """Save a large float array (or a dict of arrays) as compressed npz; floats kept as fp16.
+
+        Its sha256 goes beside it (`<name>.npz.sha256`, written after the array), and
+        `load_array` checks it: a damaged or half-copied array is refused, never read."""
         self._claim()
         arrays = dict(arr) if isinstance(arr, Mapping) else {"data": arr}
         buf = io.BytesIO()
         np.savez_compressed(buf, **{k: _compact(v) for k, v in arrays.items()})
         path = self.array_path(name)
         write_bytes(path, buf.getvalue())
-        return {"path": str(path), "sha256": sha256_file(path)}
+        digest = hashlib.sha256(buf.getvalue()).hexdigest()
+        write_bytes(_checksum_path(path), digest.encode())
+        return {"path": str(path), "sha256": digest}
 
     def array_path(self, name: str) -> Path:
         return self.dir / "arrays" / f"{name}.npz"
 
     def has_array(self, name: str) -> bool:
-        return self.array_path(name).exists()
+        path = self.array_path(name)
+        return path.exists() and _checksum_path(path).exists()
 
     def load_array(self, name: str) -> dict[str, np.ndarray]:
         path = self.array_path(name)
-        if not path.exists():
+        if not self.has_array(name):
             raise DataError(f"array {name!r} not found in run {self.key} ({path}); rerun that run first")
+        expected = _checksum_path(path).read_text().strip()
+        if sha256_file(path) != expected:
+            raise DataError(f"array {path} of run {self.key} does not match its sha256 (damaged or "
+                            "replaced); rerun that run with force=true")
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
 
@@ -213,6 +224,10 @@ class ResultsStore:
                                     if run.has_records(p.stem))
             out.append(meta)
         return out
+
+
+def _checksum_path(array: Path) -> Path:
+    return array.with_name(array.name + ".sha256")
 
 
 def load(root: str | Path, probe: str | None = None) -> pd.DataFrame:
