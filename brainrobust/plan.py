@@ -198,6 +198,26 @@ def transfer_work(p: dict[str, Any], job: Job) -> Work:
     return Work(0, pairs * (2 + int(p["random_draws"])))
 
 
+def insilico_work(p: dict[str, Any], job: Job) -> Work:
+    pool = job.images(p)
+    starts, ranking = start_images(p["images"], pool)
+    budgets = sum(len(ladder) for ladder in p["budgets"].values())
+    mei_steps = int((p.get("mei") or {}).get("steps", 256))
+    # Per start: increase and decrease at every budget, noise at every budget, one MEI, and a
+    # top and a bottom natural image.
+    stimuli = starts * (3 * budgets + 3)
+    scorers = p.get("scorers") or {}
+    models = 1 + len(scorers.get("models") or [])
+    subjects = 1 + len(set(scorers.get("subjects") or []) - {job.plain["subject"]})
+    held_out = models * subjects - 1
+    job.notes.add("probe.insilico: held-out encoders' feature passes are counted at the source "
+                  "backbone's cost; the synthetic brain's scoring is not counted (it is no backbone)")
+    # Each held-out encoder extracts its training features once (cached), as a run does.
+    forwards = (pool + ranking + 2 * starts * budgets + 2 * stimuli * (1 + held_out)
+                + held_out * (job.n_train + job.n_test))
+    return Work(starts * (2 * budgets * pgd_steps(p["attack"]) + mei_steps), forwards)
+
+
 SENSITIVITY = "brainrobust.probes.sensitivity.SensitivityProbe"
 PROBES: dict[str, Callable[[dict[str, Any], Job], Work]] = {
     SENSITIVITY: sensitivity_work,
@@ -206,6 +226,7 @@ PROBES: dict[str, Callable[[dict[str, Any], Job], Work]] = {
     "brainrobust.probes.targeted.TargetedProbe": targeted_work,
     "brainrobust.probes.mei.MEIProbe": mei_work,
     "brainrobust.probes.transfer.TransferProbe": transfer_work,
+    "brainrobust.probes.insilico.InSilicoProbe": insilico_work,
 }
 
 
@@ -219,8 +240,6 @@ def probe_work(name: str, p: dict[str, Any], job: Job) -> Work:
         if not (target == SENSITIVITY and p["amp"]):
             job.notes.add(f"probe.{name} runs in fp32: counted at the measured bf16 rates, so it "
                           "will take longer")
-        if (p.get("attack") or {}).get("early_stop"):
-            job.notes.add(f"probe.{name}: attack.early_stop counted at the full attack.steps")
     except KeyError as err:
         raise ConfigError(f"probe.{name} lacks {err.args[0]!r}, which its cost depends on; "
                           "set it in the config") from None

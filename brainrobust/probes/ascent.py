@@ -11,7 +11,7 @@ h_0 = step_size * eps (2 eps), m_0 = 0 and m_t = 0.25 after (their alpha = 0.75)
 objective rose in at most 75% of the steps since the previous checkpoint (oscillation), or where
 its best value has not grown since a checkpoint that did not halve (stall); such a sample
 restarts from its best iterate and gradient, with its momentum reset. Every decision is a
-per-sample `torch.where`: the loop never waits for the device, except for the optional early stop.
+per-sample `torch.where`: the loop never waits for the device.
 """
 
 from __future__ import annotations
@@ -69,14 +69,13 @@ def ascend(
     fallback = random_direction(x, cfg.norm, generator)
     rule = STEP_RULES[cfg.method](cfg, eps_b)
     best = _Best(delta, keep_grad=rule.restarts_from_best)
-    stop = _EarlyStop(cfg)
     history, previous = [], delta
     for t in range(cfg.steps + 1):
         last = t == cfg.steps  # the final iterate is only evaluated, not stepped from
         objective, grad = _evaluate(fn, x, delta, runtime, need_grad=not last)
         best.update(t, objective, delta, grad)
         history.append(best.objective)
-        if last or stop.stalled(t, best.objective):
+        if last:
             break
         restart = rule.update(t, objective, best.objective)
         if restart is not None:
@@ -212,26 +211,6 @@ def apgd_checkpoints(steps: int) -> list[int]:
 
 STEP_RULES = {"pgd": _ConstantStep, "apgd": _AutoStep}
 METHODS = tuple(STEP_RULES)
-
-
-class _EarlyStop:
-    """Stop once no sample's best objective grew by more than cfg.min_gain (relative) over
-    cfg.patience steps: checked on the host every `patience` steps, so off by default."""
-
-    def __init__(self, cfg: PGDConfig):
-        self.on, self.patience, self.min_gain = cfg.early_stop, cfg.patience, cfg.min_gain
-        self.window_start: Tensor | None = None
-
-    def stalled(self, t: int, best: Tensor) -> bool:
-        if not self.on:
-            return False
-        if t == 0:
-            self.window_start = best
-        if t == 0 or t % self.patience:
-            return False
-        gain = (best - self.window_start) / self.window_start.abs().clamp_min(TINY)
-        self.window_start = best
-        return bool((gain <= self.min_gain).all())
 
 
 def check_objective(objective: Tensor, n: int) -> None:

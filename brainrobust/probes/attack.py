@@ -52,7 +52,7 @@ __all__ = [
     "validate_eps",
 ]
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {"bfloat16": torch.bfloat16}
 # Each method's step when none is configured, relative to eps: Madry's 2.5 / 20 for PGD, Croce &
 # Hein's 2 for Auto-PGD (which halves it where it is too long).
 DEFAULT_STEP_SIZE = {"pgd": 2.5 / 20, "apgd": 2.0}
@@ -80,10 +80,6 @@ class PGDConfig:
         radius uniform in [0, eps]; L-inf: uniform in the cube) instead of at delta = 0.
     restarts : independent runs; the best per sample is kept. > 1 needs random_start.
     clamp : keep x + delta in [0, 1].
-    early_stop : stop the batch once no sample's best objective has grown by more than
-        `min_gain` (relative) for `patience` steps. Checked on the host every `patience` steps,
-        the only host sync of the step loop; off by default.
-    patience, min_gain : the early-stop window (steps) and relative gain.
     conv_window : the last fraction of the steps over which `conv_gain` is measured.
     conv_gain_max, conv_spread_max : a result counts as converged when its best objective grew by
         at most conv_gain_max (relative) over the last conv_window of the steps, and the restarts'
@@ -98,9 +94,6 @@ class PGDConfig:
     random_start: bool = True
     restarts: int = 1
     clamp: bool = True
-    early_stop: bool = False
-    patience: int = 5
-    min_gain: float = 1e-4
     conv_window: float = 0.25
     conv_gain_max: float = 0.003
     conv_spread_max: float = 0.01
@@ -112,7 +105,6 @@ class PGDConfig:
             raise ConfigError(f"attack.norm must be one of {list(NORMS)}, got {self.norm!r}")
         _check_int("attack.steps", self.steps, 1)
         _check_int("attack.restarts", self.restarts, 1)
-        _check_int("attack.patience", self.patience, 1)
         if self.step_size is None:
             object.__setattr__(self, "step_size", DEFAULT_STEP_SIZE[self.method])
         if not _is_real(self.step_size) or not self.step_size > 0 or math.isinf(self.step_size):
@@ -120,7 +112,7 @@ class PGDConfig:
                 f"attack.step_size must be a finite number > 0 (relative to eps), "
                 f"got {self.step_size!r}"
             )
-        for name in ("min_gain", "conv_gain_max", "conv_spread_max"):
+        for name in ("conv_gain_max", "conv_spread_max"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < math.inf:
                 raise ConfigError(f"attack.{name} must be a finite number >= 0, got {value!r}")
@@ -144,7 +136,7 @@ class AttackRuntime:
 
     Parameters
     ----------
-    amp_dtype : None, "bfloat16" or "float16": autocast the objective (forward and backward).
+    amp_dtype : None or "bfloat16": autocast the objective (forward and backward).
         Steps, projections and norms stay in the images' dtype (fp32), and the reported objective
         of the returned delta is re-evaluated without autocast, so a half-precision rounding
         never reaches the records or the budget guarantee. It can still steer the search: bf16
