@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from brainrobust.errors import ConfigError, DataError
+from brainrobust.models.backbones import build_architecture
 from brainrobust.models.features import build_feature_model, extract_features
 from brainrobust.models.layers import LayerFeatures, Preprocess
-from brainrobust.models.zoo import build_architecture, get_spec
+from brainrobust.models.zoo import get_spec
 
 S = 32  # stimulus size in these tests; Preprocess resizes to the model's input_size
 EPS32 = float(np.finfo(np.float32).eps)

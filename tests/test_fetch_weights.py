@@ -26,8 +26,9 @@ from brainrobust.cli import main
 from brainrobust.errors import WeightsError
 from brainrobust.fetch import http
 from brainrobust.files import sha256_file
+from brainrobust.models.backbones import build_backbone
 from brainrobust.models.weights import LOCK_FILE, read_lock, resolve_weights
-from brainrobust.models.zoo import build_backbone, get_spec
+from brainrobust.models.zoo import get_spec
 
 MADRY = "madrylab/robust-imagenet-models/resolve/main/resnet50_l2_eps3.ckpt"
 HUB = "timm/resnet18.tv_in1k/resolve/main/model.safetensors"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from brainrobust.analysis.perceptual import l2, linf, perceptual_measures, psnr, ssim
+from brainrobust.probes.perceptual import l2, linf, perceptual_measures, psnr, ssim
 from brainrobust.errors import ConfigError
 
 EPS64 = float(np.finfo(np.float64).eps)

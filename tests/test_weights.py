@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from brainrobust.errors import WeightsError
 from brainrobust.files import sha256_file
+from brainrobust.models.backbones import FACTORIES, build_architecture, build_backbone
 from brainrobust.models.weights import (
     load_madry_state_dict,
     load_state_dict_file,
@@ -23,13 +24,7 @@ from brainrobust.models.weights import (
     resolve_weights,
     weights_identity,
 )
-from brainrobust.models.zoo import (
-    FACTORIES,
-    ModelSpec,
-    build_architecture,
-    build_backbone,
-    get_spec,
-)
+from brainrobust.models.zoo import ModelSpec, get_spec
 
 MADRY_URL = (
     "https://huggingface.co/madrylab/robust-imagenet-models/resolve/main/resnet18_l2_eps3.ckpt"

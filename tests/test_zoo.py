@@ -9,19 +9,10 @@ import sys
 import pytest
 import torch
 
-# Imported for its side effect: it fills FACTORIES, so the counters below see every family.
-import brainrobust.models.backbones  # noqa: F401
 from brainrobust.errors import ConfigError
+from brainrobust.models.backbones import FACTORIES, build_architecture
 from brainrobust.models.layers import LayerFeatures
-from brainrobust.models.zoo import (
-    FACTORIES,
-    MODEL_DIR,
-    ModelSpec,
-    build_architecture,
-    get_spec,
-    list_models,
-    spec_from_config,
-)
+from brainrobust.models.zoo import MODEL_DIR, ModelSpec, get_spec, list_models, spec_from_config
 
 STANDARD = [
     "resnet18",

@@ -1,20 +1,39 @@
-"""Architectures behind each model family, and the small offline network.
+"""Building a zoo spec's network: the architecture of each model family, then its weights.
 
-Each factory returns the architecture with random init (timm's `pretrained=False`); weights
-are loaded afterwards by `brainrobust.models.weights`, the same way for every family.
-`zoo.build_architecture` seeds the RNG around the call, so random-init models are reproducible.
+Each family's factory returns the architecture with random init (timm's `pretrained=False`);
+`build_backbone` then loads the weights through `brainrobust.models.weights`, the same way for
+every family. `build_architecture` seeds the RNG around the factory, so random-init models are
+reproducible.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Sequence
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from brainrobust.errors import ConfigError
-from brainrobust.models.zoo import ModelSpec, register_factory
+from brainrobust.models.weights import load_weights, resolve_weights
+from brainrobust.models.zoo import ModelSpec
+
+Factory = Callable[[ModelSpec], nn.Module]
+# family -> architecture builder (random init, no weights).
+FACTORIES: dict[str, Factory] = {}
+
+
+def register_factory(*families: str) -> Callable[[Factory], Factory]:
+    """Decorator: register an architecture builder for families."""
+
+    def decorate(factory: Factory) -> Factory:
+        for family in families:
+            FACTORIES[family] = factory
+        return factory
+
+    return decorate
 
 
 class TinyCNN(nn.Module):
@@ -68,3 +87,30 @@ def offline_architecture(spec: ModelSpec) -> nn.Module:
     if spec.arch in OFFLINE_NETS:
         return OFFLINE_NETS[spec.arch]()
     return _timm_model(spec.arch)
+
+
+def build_architecture(spec: ModelSpec) -> nn.Module:
+    """The spec's architecture with seeded random weights (pretrained=False).
+
+    The global RNG state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return FACTORIES[spec.family](spec)
+
+
+def build_backbone(spec: ModelSpec, weights_dir: str | os.PathLike | None = None) -> nn.Module:
+    """Architecture plus its weights, in eval mode with frozen parameters.
+
+    Weights come from `spec.weights`, else `weights_dir/<filename>`, else the Hugging Face
+    cache (timm), else a download when `spec.allow_download`; offline-family models without
+    `weights` keep their seeded random init. See `brainrobust.models.weights.resolve_weights`.
+    """
+    path = resolve_weights(spec, weights_dir)  # first: missing weights fail before any build
+    model = build_architecture(spec)
+    if path is not None:
+        load_weights(model, path, spec)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model

@@ -32,9 +32,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from brainrobust.cache import cached
 from brainrobust.errors import CacheError, ConfigError, DataError
 from brainrobust.files import atomic_path, sha256_file, stable_hash, write_json
+from brainrobust.models.backbones import build_backbone
 from brainrobust.models.layers import LayerFeatures, Preprocess
 from brainrobust.models.weights import weights_identity
-from brainrobust.models.zoo import ModelSpec, build_backbone
+from brainrobust.models.zoo import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Model zoo: one `conf/model/<name>.yaml` per backbone, read into a `ModelSpec`.
 
-The yaml files are the registry. Listing models and reading specs touches only those files
-(no torch, no timm), so a sweep planner can enumerate all 14 models for free; the heavy
-imports happen in `build_architecture`, which dispatches to a factory registered per family.
+The yaml files are the registry. This module is a torch-free leaf: listing models and reading
+specs touches only those files, so a sweep planner can enumerate all 14 models for free.
+Building a spec's network (`brainrobust.models.backbones`) and loading its weights
+(`brainrobust.models.weights`) depend on it, never the reverse.
 """
 
 from __future__ import annotations
@@ -11,16 +12,13 @@ import dataclasses
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from brainrobust import CONF_DIR
 from brainrobust.errors import ConfigError
-
-if TYPE_CHECKING:
-    from torch import nn
 
 MODEL_DIR_ENV = "BRAINROBUST_MODEL_DIR"
 MODEL_DIR = CONF_DIR / "model"
@@ -173,53 +171,3 @@ def spec_from_config(cfg: Mapping[str, Any]) -> ModelSpec:
         return ModelSpec(**fields)
     except TypeError as err:  # a required field is absent
         raise ConfigError(f"model config incomplete: {err}") from None
-
-
-Factory = Callable[[ModelSpec], "nn.Module"]
-# family -> architecture builder. Filled by `brainrobust.models.backbones` at its import, which
-# `build_architecture` triggers on first use, so listing models never imports timm.
-FACTORIES: dict[str, Factory] = {}
-
-
-def register_factory(*families: str) -> Callable[[Factory], Factory]:
-    """Decorator: register an architecture builder (random init, no weights) for families."""
-
-    def decorate(factory: Factory) -> Factory:
-        for family in families:
-            FACTORIES[family] = factory
-        return factory
-
-    return decorate
-
-
-def build_architecture(spec: ModelSpec) -> nn.Module:
-    """The spec's architecture with seeded random weights (pretrained=False).
-
-    The global RNG state is left as it was.
-    """
-    import torch
-
-    import brainrobust.models.backbones  # noqa: F401  (registers the factories)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        return FACTORIES[spec.family](spec)
-
-
-def build_backbone(spec: ModelSpec, weights_dir: str | os.PathLike | None = None) -> nn.Module:
-    """Architecture plus its weights, in eval mode with frozen parameters.
-
-    Weights come from `spec.weights`, else `weights_dir/<filename>`, else the Hugging Face
-    cache (timm), else a download when `spec.allow_download`; offline-family models without
-    `weights` keep their seeded random init. See `brainrobust.models.weights.resolve_weights`.
-    """
-    from brainrobust.models.weights import load_weights, resolve_weights
-
-    path = resolve_weights(spec, weights_dir)  # first: missing weights fail before any build
-    model = build_architecture(spec)
-    if path is not None:
-        load_weights(model, path, spec)
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainrobust.analysis.perceptual import perceptual_measures
+from brainrobust.probes.perceptual import perceptual_measures
 from brainrobust.errors import ConfigError
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.image_selection import ImageSelection, predicted_responses

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from brainrobust.analysis.media import targeted_media
-from brainrobust.analysis.perceptual import perceptual_measures
+from brainrobust.probes.perceptual import perceptual_measures
 from brainrobust.errors import ConfigError
 from brainrobust.probes.attack import (
     PGDConfig,
