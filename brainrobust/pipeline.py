@@ -295,8 +295,19 @@ def compute(cfg: DictConfig, store: RunStore, spec: ModelSpec, dm: BrainDataModu
         if trainer.is_global_zero:
             if not store.has_records("predictivity") or cfg.force:
                 store.write_records("predictivity", encoder.predictivity)
+            render_media(store, probes)
             store.mark_complete()
             send_results(cfg, store, probes, logger)
+
+
+def render_media(store: RunStore, probes: list[Probe]) -> None:
+    """The pictures the probes asked for, drawn from their stored arrays into the run's media/."""
+    names = {name: options for probe in probes for name, options in probe.media().items()
+             if store.has_array(name)}
+    if names:
+        from brainrobust.analysis.gallery import run_media
+
+        run_media(store, store.dir / "media", names)
 
 
 def build_logger(cfg: DictConfig, store: RunStore) -> Any:

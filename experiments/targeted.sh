@@ -28,5 +28,5 @@ $PY run.py --multirun "${COMMON[@]}" probe.targeted.roi=PPA probe.targeted.direc
   probe.targeted.images.select=bottom "$@"
 $PY run.py --multirun "${COMMON[@]}" 'probe=[mei]' "$@"
 # Videos, strips and response plots per run, the side-by-side panels (standard rows above robust
-# rows) and the MEI gallery (ROI x model): brainrobust.analysis.media.gallery.
+# rows) and the MEI gallery (ROI x model): brainrobust.analysis.gallery.gallery.
 $PY -m brainrobust.analysis --root results --out figures/targeted --only targeted

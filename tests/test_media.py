@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from brainrobust.analysis import media
+from brainrobust.analysis import gallery, media
 from brainrobust.errors import DataError
 from brainrobust.results.store import ResultsStore
 
@@ -118,7 +118,7 @@ def test_plots_and_labelled_grid_are_pngs(tmp_path):
 def test_targeted_media_writes_video_strip_and_plot_per_image(tmp_path):
     arrays = _targeted_arrays("m", False, ids=(3, -1), eps=(0.0, 1.0, 2.0, 4.0))
     arrays["files"] = np.array(["my_face.png"])
-    paths = media.targeted_media(arrays, tmp_path, "targeted_FFA_increase")
+    paths = gallery.targeted_media(arrays, tmp_path, "targeted_FFA_increase")
     names = sorted(p.name for p in paths)
     assert names == sorted(
         [
@@ -144,24 +144,24 @@ def test_side_by_side_panel_and_its_errors(tmp_path):
         _targeted_arrays("resnet50", False),
         _targeted_arrays("robust_eps3", True, ids=(7, 9), seed=1),
     )
-    path = media.side_by_side(
+    path = gallery.side_by_side(
         {"standard": std, "robust": rob}, "FFA", "increase", tmp_path / "panel"
     )
     img = Image.open(path)
     assert img.format == "PNG" and img.size[1] > img.size[0] * 0.5
     with pytest.raises(DataError, match="not in every source"):
-        media.side_by_side(
+        gallery.side_by_side(
             {"standard": std, "robust": rob}, "FFA", "increase", tmp_path / "p2", image_id=3
         )
     with pytest.raises(DataError, match="share no start image"):
-        media.side_by_side(
+        gallery.side_by_side(
             {"a": std, "b": _targeted_arrays("x", True, ids=(1,))},
             "FFA",
             "increase",
             tmp_path / "p3",
         )
     with pytest.raises(DataError, match="different eps"):
-        media.side_by_side(
+        gallery.side_by_side(
             {"a": std, "b": _targeted_arrays("x", True, eps=(0, 1, 3.0))},
             "FFA",
             "increase",
@@ -172,7 +172,7 @@ def test_side_by_side_panel_and_its_errors(tmp_path):
 def test_gallery_rebuilds_media_from_a_results_store(tmp_path):
     root = tmp_path / "results"
     with pytest.raises(DataError, match="no targeted or MEI arrays"):
-        media.gallery(root, tmp_path / "fig")
+        gallery.gallery(root, tmp_path / "fig")
     rng = np.random.default_rng(0)
     for model, robust in (("resnet50", False), ("robust_eps3", True)):
         store = ResultsStore(root).run({"model": model}, {"model": model, "subject": 1})
@@ -189,7 +189,7 @@ def test_gallery_rebuilds_media_from_a_results_store(tmp_path):
                     "robust": np.array(robust),
                 },
             )
-    paths = media.gallery(root, tmp_path / "fig")
+    paths = gallery.gallery(root, tmp_path / "fig")
     names = {p.name for p in paths}
     assert "side_by_side_s1_targeted_FFA_increase.png" in names
     assert "mei_gallery_s1.png" in names

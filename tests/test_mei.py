@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from brainrobust.errors import ConfigError
+from brainrobust.pipeline import render_media
 from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.mei import (
     COLOR_MATRIX,
@@ -120,6 +121,7 @@ def test_mei_is_selective_and_the_probe_writes_its_outputs(encoder, tmp_path):
     probe = MEIProbe(seeds=2, steps=60, transforms=TRANSFORMS)
     probe.bind(ctx)
     records = probe.run(encoder, ctx)
+    render_media(store, [probe])  # what the pipeline does once the probe is done
     store.write_records(probe.name, records)
     back = store.read_records("mei")
     assert {"target_roi", "mei_seed", "start", "image_id", "roi", "metric", "value"} <= set(

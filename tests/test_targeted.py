@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from brainrobust.errors import ConfigError, DataError
+from brainrobust.pipeline import render_media
 from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.image_selection import ImageSelection, load_image_files
 from brainrobust.probes.targeted import TargetedProbe
@@ -163,6 +164,7 @@ def test_run_writes_records_arrays_and_media(setup, tmp_path):
     probe = _probe(images={"select": "top", "n": 2}, save_media=True, hold={"C": 1.0})
     probe.bind(ctx)
     records = probe.run(encoder, ctx)
+    render_media(ctx.store, [probe])  # what the pipeline does once the probe is done
     path = ctx.store.write_records(probe.name, records)
     back = ctx.store.read_records("targeted")
     assert path.exists() and len(back) == len(records)
@@ -250,6 +252,7 @@ def test_image_files_are_loaded_cropped_and_resized(setup, tmp_path):
     probe = _probe(images=[str(a), str(b)], save_media=True, eps_schedule=[0.5, 1.0])
     probe.bind(ctx)
     records = probe.run(encoder, ctx)
+    render_media(ctx.store, [probe])
     assert sorted(records.image_id.unique()) == [-2, -1]
     arrays = ctx.store.load_array("targeted_A_increase")
     assert list(arrays["files"]) == [str(a), str(b)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from brainrobust.analysis import figures
+from brainrobust.analysis import figures, insilico
 from brainrobust.analysis.media import save_figure
 from brainrobust.analysis.report import Section, build_report
 from brainrobust.analysis.slices import describe, load_records, slug, split
@@ -126,10 +126,15 @@ def _subspace(records: pd.DataFrame, root: Path, out: Path, colors: Mapping[str,
 
 
 def _targeted(records: pd.DataFrame, root: Path, out: Path, colors: Mapping[str, str]) -> Built:
-    from brainrobust.analysis.media import gallery
+    from brainrobust.analysis.gallery import gallery
 
     # The report embeds the still images; videos stay beside it in the output folder.
     return Built(images=[p for p in gallery(root, out / "targeted") if p.suffix == ".png"])
+
+
+def _insilico(records: pd.DataFrame, root: Path, out: Path, colors: Mapping[str, str]) -> Built:
+    figs, tables, not_drawn = insilico.figures(records)
+    return Built(images=_save(figs, out), tables=tables, not_drawn=not_drawn)
 
 
 FIGURES: dict[str, tuple[str, str, Builder]] = {
@@ -156,6 +161,8 @@ FIGURES: dict[str, tuple[str, str, Builder]] = {
                   "growing budget (strips and response trajectories; standard vs robust side by "
                   "side), and unconstrained maximisation of each ROI (MEI grids)."),
                  _targeted),
+    "insilico": ("Q5 - in-silico validation: judged by brains that never saw the stimuli",
+                 insilico.SECTION_TEXT, _insilico),
 }
 
 

@@ -218,6 +218,11 @@ class Probe(L.Callback):
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
         raise NotImplementedError
 
+    def media(self) -> dict[str, dict[str, Any]]:
+        """Arrays of this run to render as pictures once it is written (array name -> options
+        of `brainrobust.analysis.gallery.run_media`). Probes compute and store; analysis draws."""
+        return {}
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ctx = self.context
         if ctx is None:

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainrobust.probes.perceptual import perceptual_measures
 from brainrobust.errors import ConfigError
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.image_selection import ImageSelection, predicted_responses
+from brainrobust.probes.perceptual import perceptual_measures
 
 # lucent's square root of the ImageNet colour correlation matrix (columns = decorrelated axes).
 COLOR_CORRELATION_SVD_SQRT = torch.tensor(
@@ -374,8 +374,7 @@ class MEIProbe(Probe):
                 "robust": np.array(bool(encoder.meta.get("robust", False))),
             }
             ctx.store.save_array(f"mei_{roi}", per_roi[roi])
-        if self.save_media:
-            from brainrobust.analysis.media import mei_grid
-
-            mei_grid(per_roi, ctx.store.dir / "media" / "mei_grid")
         return records
+
+    def media(self) -> dict[str, dict[str, Any]]:
+        return {f"mei_{roi}": {} for roi in self.selected_rois()} if self.save_media else {}

@@ -27,8 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brainrobust.analysis.media import targeted_media
-from brainrobust.probes.perceptual import perceptual_measures
 from brainrobust.errors import ConfigError
 from brainrobust.probes.attack import (
     PGDConfig,
@@ -43,6 +41,7 @@ from brainrobust.probes.attack import (
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.image_selection import ImageSelection
 from brainrobust.probes.objectives import make_objective
+from brainrobust.probes.perceptual import perceptual_measures
 
 DIRECTIONS = ("increase", "decrease")
 PERCEPTUAL = ("l2", "linf", "psnr", "ssim")
@@ -188,9 +187,10 @@ class TargetedProbe(Probe):
             "robust": np.array(bool(encoder.meta.get("robust", False))),
         }
         ctx.store.save_array(self.array_name, arrays)
-        if self.save_media:
-            targeted_media(arrays, ctx.store.dir / "media", self.array_name, fps=self.fps)
         return self._records(arrays, images, ctx)
+
+    def media(self) -> dict[str, dict[str, Any]]:
+        return {self.array_name: {"fps": self.fps}} if self.save_media else {}
 
     def _records(
         self, arrays: Mapping[str, np.ndarray], images: torch.Tensor, ctx: ProbeContext
