@@ -22,7 +22,8 @@ from himalaya.backend import set_backend
 from sklearn.linear_model import RidgeCV
 from threadpoolctl import threadpool_limits
 
-from brainrobust.models.readout import DEFAULT_ALPHAS, fit_ridge, pearson_r
+from brainrobust.models.readout import pearson_r
+from brainrobust.models.ridge import DEFAULT_ALPHAS, fit_ridge
 
 
 def planted(

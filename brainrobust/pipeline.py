@@ -36,7 +36,8 @@ from brainrobust.models.features import (
     feature_cache_key,
     lightning_notices_off,
 )
-from brainrobust.models.readout import SOLVERS, LinearReadout, fit_ridge
+from brainrobust.models.readout import LinearReadout
+from brainrobust.models.ridge import SOLVERS, fit_ridge
 from brainrobust.models.zoo import ModelSpec
 from brainrobust.probes.attack import check_budget
 from brainrobust.probes.base import Probe, ProbeContext

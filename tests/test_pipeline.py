@@ -11,7 +11,8 @@ import yaml
 from helpers import REPO, config_maker, isolated
 
 import brainrobust.models.features as features_mod
-from brainrobust.models.readout import fit_ridge, pearson_r
+from brainrobust.models.readout import pearson_r
+from brainrobust.models.ridge import fit_ridge
 from brainrobust.pipeline import run
 from brainrobust.results.store import load
 from brainrobust.summary import summary_tables

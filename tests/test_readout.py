@@ -9,7 +9,8 @@ from himalaya.ridge import RidgeCV as HimalayaRidgeCV
 from sklearn.linear_model import RidgeCV
 
 from brainrobust.errors import CacheError, ConfigError, DataError
-from brainrobust.models.readout import DEFAULT_ALPHAS, LinearReadout, RidgeFit, fit_ridge, pearson_r
+from brainrobust.models.readout import LinearReadout, pearson_r
+from brainrobust.models.ridge import DEFAULT_ALPHAS, RidgeFit, fit_ridge
 
 EPS32, EPS64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
 
