@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Q4 - Can stable, predictive models generate hypotheses? (method.md section 5)
-# Reproduces: the talk's targeted-perturbation videos and the "standard vs robustified" panel:
+# Q4 - Can stable, predictive models generate hypotheses? (docs/method.md section 5)
+# Measures (with the real weights, the defaults below): the talk's targeted-perturbation videos and the "standard vs robustified" panel:
 #   decrease FFA on faces (the 4 test images with the highest measured FFA response),
 #   increase EBA and increase PPA (from the 4 images with the lowest measured response),
 # L2 schedule 0.5 .. 32 (warm-started, 32 PGD steps per eps), on a standard and a robust ResNet-50,
