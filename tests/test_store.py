@@ -60,6 +60,15 @@ def test_arrays_are_fp16_and_round_trip(tmp_path):
         run.load_array("missing")
 
 
+def test_exact_entries_keep_their_dtype(tmp_path):
+    run = ResultsStore(tmp_path).run({"x": 1}, {})
+    images = np.random.default_rng(0).random((2, 3, 4, 4)).astype(np.float32)
+    run.save_array("stimuli", {"images": images, "delta": images - 0.5}, exact=["images"])
+    back = run.load_array("stimuli")
+    assert back["images"].dtype == np.float32 and np.array_equal(back["images"], images)
+    assert back["delta"].dtype == np.float16
+
+
 def test_a_damaged_array_is_refused_not_read(tmp_path):
     run = ResultsStore(tmp_path).run({"x": 1}, {})
     info = run.save_array("subspace_FFA", {"basis": np.eye(4, dtype=np.float32)})

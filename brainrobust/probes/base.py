@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -66,9 +66,12 @@ class ShardArrays:
     def __init__(self, store: RunStore):
         self._store = store
         self.saved: dict[str, dict[str, np.ndarray]] = {}
+        self.exact: dict[str, tuple[str, ...]] = {}
 
-    def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray]) -> None:
+    def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray],
+                   exact: Collection[str] = ()) -> None:
         self.saved[name] = dict(arr) if isinstance(arr, Mapping) else {"data": arr}
+        self.exact[name] = tuple(exact)
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._store, attr)
@@ -293,7 +296,8 @@ class Probe(L.Callback):
 
         def work() -> None:
             nonlocal part
-            part = (self._run(encoder, replace(ctx, shard=shard, store=arrays)), arrays.saved)
+            part = (self._run(encoder, replace(ctx, shard=shard, store=arrays)), arrays.saved,
+                    arrays.exact)
 
         # More ranks than images leaves some ranks without a shard.
         error = self._attempt(work) if stop > start else None
@@ -312,8 +316,9 @@ class Probe(L.Callback):
         if not any(len(records) for records, _ in shards):
             raise DataError(f"probe {self.name} produced no records on any rank")
         records, arrays = merge_shards(shards, self.image_axes)
+        exact = {name: keys for shard in shards for name, keys in shard[2].items()}
         for name, arr in arrays.items():
-            store.save_array(name, arr)
+            store.save_array(name, arr, exact=exact.get(name, ()))
         self._write(trainer, store, records)
 
     def _write(self, trainer: L.Trainer, store: RunStore, records: pd.DataFrame) -> None:

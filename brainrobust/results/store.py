@@ -20,7 +20,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,15 +117,19 @@ class RunStore:
     def read_records(self, probe: str) -> pd.DataFrame:
         return pd.read_parquet(self.records_path(probe))
 
-    def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, str]:
-        """Save a large float array (or a dict of arrays) as compressed npz; floats kept as fp16.
+    def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray],
+                   exact: Collection[str] = ()) -> dict[str, str]:
+        """Save a large float array (or a dict of arrays) as compressed npz; floats kept as fp16,
+        but for the entries named in `exact`, which keep their dtype (stimuli: fp16 rounds an
+        image near 1 by 2.4e-4, the size of a whole small perturbation's pixel change).
 
         Its sha256 goes beside it (`<name>.npz.sha256`, written after the array), and
         `load_array` checks it: a damaged or half-copied array is refused, never read."""
         self._claim()
         arrays = dict(arr) if isinstance(arr, Mapping) else {"data": arr}
         buf = io.BytesIO()
-        np.savez_compressed(buf, **{k: _compact(v) for k, v in arrays.items()})
+        np.savez_compressed(buf, **{k: np.asarray(v) if k in exact else _compact(v)
+                                    for k, v in arrays.items()})
         path = self.array_path(name)
         write_bytes(path, buf.getvalue())
         digest = hashlib.sha256(buf.getvalue()).hexdigest()
