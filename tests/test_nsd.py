@@ -396,7 +396,7 @@ def test_unknown_subject_roi_split_list_valid_names(tiny):
     loader = NSDLoader(tiny[0])
     with pytest.raises(ConfigError, match=r"unknown subject 9; valid: 1-8 .*\[1, 2\]"):
         loader.load(9, "FFA", "test")
-    with pytest.raises(ConfigError, match="valid: OFA, FFA"):
+    with pytest.raises(ConfigError, match=r"unknown ROI .VWFA.; valid: EBA, FBA, .*\bFFA\b.*conf/roi"):
         loader.load(1, "VWFA", "test")
     with pytest.raises(ConfigError, match="valid"):
         loader.load(1, "FFA", "val")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainrobust import CONF_DIR
 from brainrobust.data.datafiles import unreadable
 from brainrobust.errors import ConfigError, DataError
 
@@ -56,44 +57,37 @@ class ROISpec:
         return self.file if self.hemi == "both" else f"{self.hemi}.{self.file}"
 
 
-_BUILTIN: dict[str, tuple[str, tuple[str, ...]]] = {
-    "OFA": ("floc-faces", ("OFA",)),
-    "FFA": ("floc-faces", ("FFA-1", "FFA-2")),
-    "FFA-1": ("floc-faces", ("FFA-1",)),
-    "FFA-2": ("floc-faces", ("FFA-2",)),
-    "mTL-faces": ("floc-faces", ("mTL-faces",)),
-    "aTL-faces": ("floc-faces", ("aTL-faces",)),
-    "EBA": ("floc-bodies", ("EBA",)),
-    "FBA": ("floc-bodies", ("FBA-1", "FBA-2")),
-    "FBA-1": ("floc-bodies", ("FBA-1",)),
-    "FBA-2": ("floc-bodies", ("FBA-2",)),
-    "mTL-bodies": ("floc-bodies", ("mTL-bodies",)),
-    "OPA": ("floc-places", ("OPA",)),
-    "PPA": ("floc-places", ("PPA",)),
-    "RSC": ("floc-places", ("RSC",)),
-}
+# The NSD ROIs: one conf/roi/<NAME>.yaml each, the file a run selects with roi=NAME.
+ROI_DIR = CONF_DIR / "roi"
 
 
 def builtin_names() -> list[str]:
     """Names accepted by `builtin_roi` (each also with an "lh." or "rh." prefix)."""
-    return list(_BUILTIN)
+    return sorted(path.stem for path in ROI_DIR.glob("*.yaml"))
 
 
 def builtin_roi(name: str) -> ROISpec:
-    """The NSD definition of a named ROI; "lh.FFA" / "rh.FFA" select one hemisphere.
+    """The NSD definition of a named ROI (conf/roi/<name>.yaml); "lh.FFA" / "rh.FFA" select one
+    hemisphere.
 
     Raises ConfigError listing the valid names for an unknown name.
     """
-    hemi, base = "both", name
+    from omegaconf import OmegaConf
+
+    hemi, base = None, name
     if name[:3] in ("lh.", "rh."):
         hemi, base = name[:2], name[3:]
-    if base not in _BUILTIN:
+    path = ROI_DIR / f"{base}.yaml"
+    if not path.is_file():
         raise ConfigError(
-            f"unknown ROI {name!r}; valid: {', '.join(_BUILTIN)} (optionally prefixed lh./rh.), "
-            "or add conf/roi/<NAME>.yaml with a ROISpec"
+            f"unknown ROI {name!r}; valid: {', '.join(builtin_names())} (optionally prefixed "
+            "lh./rh.), or add conf/roi/<NAME>.yaml with a ROISpec"
         )
-    file, labels = _BUILTIN[base]
-    return ROISpec(name=name, file=file, labels=labels, hemi=hemi)
+    node = OmegaConf.load(path).get(base)
+    if node is None:
+        raise ConfigError(f"{path} must hold one ROI named {base!r} (its file name)")
+    return ROISpec(name=name, file=str(node.file), labels=tuple(node.labels),
+                   hemi=hemi or str(node.get("hemi", "both")))
 
 
 def as_roi_specs(rois: ROISpec | str | Iterable[ROISpec | str]) -> list[ROISpec]:
