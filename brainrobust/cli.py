@@ -4,6 +4,7 @@
     python -m brainrobust models                    the model zoo and the state of its weights
     python -m brainrobust fetch weights MODEL ... | --all    checkpoints into the weights folder
     python -m brainrobust fetch nsd --root DIR --subjects 1 ... --accept-terms    NSD files
+    python -m brainrobust export RUN_OR_SWEEP --out DIR    stimuli as PNGs + manifest (docs/export.md)
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def _fetch_nsd(args: argparse.Namespace) -> None:
               args.roi_only, args.jobs)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from brainrobust.export.encoders import Place
+    from brainrobust.export.stimulus_set import export_stimulus_set
+
+    manifest = export_stimulus_set(
+        args.source, args.out, root=args.root, place=Place(args.data_root, args.cache_dir),
+        seed=args.seed, repetitions=args.repetitions, force=args.force)
+    files = manifest["files"]
+    stimuli = {f["stimulus"] for f in files}
+    print(f"{len(stimuli)} images ({len(files)} files) written to {args.out}; see its README.md")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         """A command-line mistake is one line, like every other user error."""
@@ -88,6 +101,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="only these ROIs' voxels and the subjects' images (partial copies)")
     p.add_argument("--jobs", type=int, default=8, help="parallel requests (default 8)")
     p.set_defaults(func=_fetch_nsd)
+    p = sub.add_parser("export", help="a run's stimuli as PNGs, manifest and conditions file")
+    p.add_argument("source", metavar="RUN_OR_SWEEP",
+                   help="run key (or prefix), run folder, results folder or --multirun folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="an empty or new folder")
+    p.add_argument("--root", default="results", help="the results store of a run key")
+    p.add_argument("--force", action="store_true", help="replace what DIR holds")
+    p.add_argument("--seed", type=int, default=0, help="of the conditions file's order")
+    p.add_argument("--repetitions", type=int, default=1, help="presentations of each image")
+    p.add_argument("--data-root", help="the runs' data.root (default: the config's)")
+    p.add_argument("--cache-dir", help="the runs' paths.cache_dir (default: the config's)")
+    p.set_defaults(func=_export)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from brainrobust.probes.perceptual import l2, linf, perceptual_measures, psnr, ssim
 from brainrobust.errors import ConfigError
+from brainrobust.probes.perceptual import l2, linf, perceptual_measures, psnr, ssim
 
 EPS64 = float(np.finfo(np.float64).eps)
 # SSIM's variances are differences of 11 x 11-tap float64 blurs of values in [0, 1], a few dozen

@@ -21,7 +21,7 @@ from helpers import CONF, LinearEncoder, compose_config, isolated
 from omegaconf import OmegaConf
 from test_subspace import run_probe
 
-from brainrobust.pipeline import build, build_encoder
+from brainrobust.models.build import build, build_encoder
 from brainrobust.probes.jacobian import orthonormalize, subspace_similarity, top_k_right_singular
 
 S = 16

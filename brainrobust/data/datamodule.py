@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from brainrobust.data.datafiles import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
-from brainrobust.data.layouts import LOADERS, data_fingerprint, open_loader
+from brainrobust.data.layouts import LOADERS, data_fingerprint, ensure_synthetic, open_loader
 from brainrobust.data.rois import ROISpec
 from brainrobust.errors import ConfigError
 
@@ -63,9 +63,7 @@ class BrainDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
-            from brainrobust.data.synthetic import ensure_synthetic_nsd
-
-            ensure_synthetic_nsd(self.root, **self.synthetic)
+            ensure_synthetic(self.root, self.synthetic)
 
     def fingerprint(self) -> str:
         """Digest of the content of every file this subject's run reads (writing the synthetic

@@ -27,6 +27,22 @@ def open_loader(layout: str, root: str | os.PathLike, **kwargs: Any) -> Any:
     return getattr(__import__(module, fromlist=[name]), name)(root, **kwargs)
 
 
+def ensure_synthetic(root: str | os.PathLike, synthetic: Mapping[str, Any]) -> None:
+    """Write the synthetic world `synthetic` names (`world: twin`, the default, or `brain`)."""
+    params = dict(synthetic)
+    world = params.pop("world", "twin")
+    if world == "brain":
+        from brainrobust.data.synthetic_brain import ensure_synthetic_brain
+
+        ensure_synthetic_brain(root, **params)
+    elif world == "twin":
+        from brainrobust.data.synthetic import ensure_synthetic_nsd
+
+        ensure_synthetic_nsd(root, **params)
+    else:
+        raise ConfigError(f"data.synthetic.world must be twin or brain, got {world!r}")
+
+
 def roi_specs(rois: Mapping[str, Any] | Sequence[Any]) -> list[ROISpec | str]:
     """ROIs as configs give them (name -> spec or its fields, or a list) as specs or names."""
     items = list(rois.values()) if isinstance(rois, Mapping) else list(rois)
@@ -43,8 +59,6 @@ def data_fingerprint(layout: str, root: str | os.PathLike, subject: int,
     The arguments are the run's `data` config; a synthetic twin is written first if needed.
     """
     if synthetic is not None:
-        from brainrobust.data.synthetic import ensure_synthetic_nsd
-
-        ensure_synthetic_nsd(root, **synthetic)
+        ensure_synthetic(root, synthetic)
     loader = open_loader(layout, root, **dict(loader_kwargs or {}))
     return loader.fingerprint(subject, roi_specs(rois))
