@@ -30,8 +30,6 @@ The RESULTS.md table (2-core CPU, about 15 min per TinyCNN eps and 40 min for Re
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,30 +38,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from brainrobust.models.encoder import BrainEncoder
-from brainrobust.models.features import build_feature_model
-from brainrobust.models.readout import LinearReadout
-from brainrobust.models.zoo import get_spec
+from brainrobust.models.build import random_readout_encoder
 from brainrobust.probes.attack import PGDConfig, pgd
 from brainrobust.probes.objectives import make_objective
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
 # (encoder, objective, images, eps, steps) -> adversarial images
 Attack = Callable[[nn.Module, Callable[[Tensor], Tensor], Tensor, float, int], Tensor]
-
-
-def zoo_encoder(model: str, size: int, voxels: int, seed: int = 0) -> BrainEncoder:
-    spec = dataclasses.replace(get_spec(model), input_size=size)
-    features = build_feature_model(spec)
-    with torch.no_grad():
-        width = features(torch.rand(1, 3, size, size)).shape[1]
-    g = torch.Generator().manual_seed(seed)
-    readout = LinearReadout(torch.randn(width, voxels, generator=g) / math.sqrt(width), torch.zeros(voxels))
-    rois = {"half": list(range(voxels // 2)), "all": list(range(voxels))}
-    encoder = BrainEncoder(features[0], features[1], readout, rois, size).eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    return encoder
 
 
 def smooth_images(n: int, size: int, seed: int = 1) -> Tensor:
@@ -152,7 +133,7 @@ def main() -> None:
     print("\n| encoder | objective | attack | N | image-steps | CPU s | quality (mean / min) |\n"
           "|---|---|---|--:|--:|--:|--:|")
     for model in args.models.split(","):
-        encoder = zoo_encoder(model, args.size, args.voxels)
+        encoder = random_readout_encoder(model, args.size, args.voxels)
         x = smooth_images(args.batch, args.size)
         for kind in args.objectives.split(","):
             objective = make_objective(encoder, "half" if kind == "abs" else "all", kind, x)

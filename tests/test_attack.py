@@ -24,15 +24,7 @@ from brainrobust.probes.attack import (
 )
 from brainrobust.probes.objectives import OBJECTIVES, make_objective
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: a second thread only adds synchronisation, which costs 20x
-    # wall time on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:

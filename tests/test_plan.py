@@ -99,17 +99,25 @@ def test_effect_matched_counts_bracketing_and_bisection(tmp_path):
     assert wider["image_steps"] == pytest.approx(base["image_steps"] * 20 / 19 * 2)
 
 
-@pytest.mark.parametrize(("override", "factor"), [
-    ("probe.subspace.k=20", 25 / 15),  # k + oversample block columns
-    ("probe.subspace.oversample=0", 10 / 15),
-    ("probe.subspace.max_iters=24", 49 / 33),  # 2 max_iters + 1 blocks
-    ("probe.subspace.max_images=5", 0.1),
-    ("roi=[FFA,EBA]", 2),
+# (experiment, probe, image-steps at the experiment's settings, override, factor on them)
+SUBSPACE, TARGETED = ("subspace", "subspace", 50 * 15 * 33), ("targeted", "targeted", 4 * 7 * 32)
+
+
+@pytest.mark.parametrize(("job", "override", "factor"), [
+    (SUBSPACE, "probe.subspace.k=20", 25 / 15),  # k + oversample block columns
+    (SUBSPACE, "probe.subspace.oversample=0", 10 / 15),
+    (SUBSPACE, "probe.subspace.max_iters=24", 49 / 33),  # 2 max_iters + 1 blocks
+    (SUBSPACE, "probe.subspace.max_images=5", 0.1),
+    (SUBSPACE, "roi=[FFA,EBA]", 2),
+    (TARGETED, "probe.targeted.attack.steps=320", 10),
+    (TARGETED, "probe.targeted.eps_schedule=[1.0,2.0]", 2 / 7),
+    (TARGETED, "probe.targeted.images.n=40", 10),
 ])
-def test_subspace_follows_its_settings(tmp_path, override, factor):
-    base = part(one_job(tmp_path, experiment="subspace"), "subspace")
-    assert base["image_steps"] == 50 * 15 * 33
-    after = part(one_job(tmp_path, override, experiment="subspace"), "subspace")
+def test_cost_follows_the_probe_settings(tmp_path, job, override, factor):
+    experiment, probe, steps = job
+    base = part(one_job(tmp_path, experiment=experiment), probe)
+    assert base["image_steps"] == steps
+    after = part(one_job(tmp_path, override, experiment=experiment), probe)
     assert after["image_steps"] == pytest.approx(factor * base["image_steps"])
 
 
@@ -121,18 +129,6 @@ def test_subspace_with_all_voxels_is_one_jacobian(tmp_path):
 def test_subspace_exact_needs_voxel_counts(tmp_path):
     with pytest.raises(ConfigError, match="method=exact"):
         one_job(tmp_path, "probe.subspace.method=exact", experiment="subspace")
-
-
-@pytest.mark.parametrize(("override", "factor"), [
-    ("probe.targeted.attack.steps=320", 10),
-    ("probe.targeted.eps_schedule=[1.0,2.0]", 2 / 7),
-    ("probe.targeted.images.n=40", 10),
-])
-def test_targeted_follows_schedule_steps_and_start_images(tmp_path, override, factor):
-    base = part(one_job(tmp_path, experiment="targeted"), "targeted")
-    assert base["image_steps"] == 4 * 7 * 32
-    after = part(one_job(tmp_path, override, experiment="targeted"), "targeted")
-    assert after["image_steps"] == pytest.approx(factor * base["image_steps"])
 
 
 def test_mei_follows_steps_seeds_and_rois(tmp_path):

@@ -6,8 +6,10 @@ stimulus export) are built the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from brainrobust.models.encoder import BrainEncoder
 from brainrobust.models.features import build_feature_model, extract_features, feature_cache_key
 from brainrobust.models.readout import LinearReadout
 from brainrobust.models.ridge import fit_ridge
-from brainrobust.models.zoo import ModelSpec
+from brainrobust.models.zoo import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +114,21 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
         meta={"model": spec.name, "layer": spec.layer, "subject": dm.subject, "robust": spec.robust},
         noise_ceiling=dm.test.noise_ceiling, roi_noise_ceiling=dm.test.roi_noise_ceiling,
     )
+
+
+def random_readout_encoder(model: str, size: int, voxels: int, seed: int = 0) -> BrainEncoder:
+    """A zoo backbone at `size` px under a seeded random linear readout, with ROIs "half" (the
+    first half of the voxels) and "all": a nonlinear encoder that needs no data, for attack
+    benchmarks and tests against long reference attacks."""
+    spec = dataclasses.replace(get_spec(model), input_size=size)
+    preprocess, features = build_feature_model(spec)
+    with torch.no_grad():
+        width = features(preprocess(torch.rand(1, 3, size, size))).shape[1]
+    g = torch.Generator().manual_seed(seed)
+    readout = LinearReadout(torch.randn(width, voxels, generator=g) / math.sqrt(width),
+                            torch.zeros(voxels))
+    rois = {"half": list(range(voxels // 2)), "all": list(range(voxels))}
+    encoder = BrainEncoder(preprocess, features, readout, rois, size).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder
