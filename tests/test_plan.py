@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from brainrobust.data.synthetic import ensure_synthetic_nsd
 from brainrobust.errors import ConfigError
 from brainrobust.identity import config_identity, key_columns
+from brainrobust.models.zoo import list_models, model_config
 from brainrobust.plan import (
     GMACS,
     backbone_scale,
@@ -150,9 +151,8 @@ def test_vits_cost_as_vit_b16(tmp_path, model):
 
 
 def test_every_zoo_model_has_a_cost():
-    for path in sorted((REPO / "conf" / "model").glob("*.yaml")):
-        model = OmegaConf.to_container(OmegaConf.load(path))
-        assert backbone_scale(model) > 0, path.stem
+    for name in list_models():
+        assert backbone_scale(model_config(name)) > 0, name
     assert backbone_scale({"name": "m", "arch": "vit_base_patch16_clip_224.openai",
                            "input_size": 224}) == GMACS["vit_base_patch16_224"] / GMACS["resnet50"]
 

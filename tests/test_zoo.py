@@ -8,11 +8,20 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from brainrobust.errors import ConfigError
 from brainrobust.models.backbones import FACTORIES, build_architecture
 from brainrobust.models.layers import LayerFeatures
-from brainrobust.models.zoo import MODEL_DIR, ModelSpec, get_spec, list_models, spec_from_config
+from brainrobust.models.zoo import (
+    DEFAULTS_ENTRY,
+    DEFAULTS_FILE,
+    MODEL_DIR,
+    ModelSpec,
+    get_spec,
+    list_models,
+    spec_from_config,
+)
 
 STANDARD = [
     "resnet18",
@@ -107,6 +116,19 @@ def test_every_yaml_composes_into_a_modelspec(name: str) -> None:
     expected = dataclasses.replace(get_spec(name), weights="/data/w.pt", layer="x")
     assert spec == expected
     assert spec_from_config(cfg.model) == expected
+
+
+def test_model_files_state_only_what_differs_from_the_defaults() -> None:
+    base = OmegaConf.to_container(OmegaConf.load(DEFAULTS_FILE))
+    # The dataclass and the defaults file agree, so a spec built in code is the composed one.
+    declared = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(ModelSpec) if f.name in base}
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in declared.items()} == {
+        k: v for k, v in base.items() if k != "_target_"}
+    for name in list_models():
+        own = OmegaConf.to_container(OmegaConf.load(MODEL_DIR / f"{name}.yaml"))
+        assert own.pop("defaults") == [DEFAULTS_ENTRY, "_self_"], name
+        assert not {k for k, v in own.items() if base.get(k, object()) == v}, name
 
 
 def test_sources_and_robust_metadata() -> None:

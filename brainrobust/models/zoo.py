@@ -22,6 +22,9 @@ from brainrobust.errors import ConfigError
 
 MODEL_DIR_ENV = "BRAINROBUST_MODEL_DIR"
 MODEL_DIR = CONF_DIR / "model"
+# Every field's default, which each model file extends through its defaults list.
+DEFAULTS_FILE = CONF_DIR / "model_defaults.yaml"
+DEFAULTS_ENTRY = "/model_defaults@_here_"
 SPEC_TARGET = "brainrobust.models.zoo.ModelSpec"
 
 FAMILIES = ("timm", "madry", "offline")
@@ -132,13 +135,14 @@ def list_models(config_dir: str | os.PathLike | None = None) -> list[str]:
     return sorted(path.stem for path in folder.glob("*.yaml"))
 
 
-def get_spec(name: str, config_dir: str | os.PathLike | None = None) -> ModelSpec:
-    """Read `<config_dir>/<name>.yaml` into a ModelSpec.
+def model_config(name: str, config_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """`<config_dir>/<name>.yaml` over conf/model_defaults.yaml where its defaults list names
+    it: the `model` node that `model=<name>` composes, read without Hydra.
 
     Raises
     ------
     ConfigError
-        Unknown name (the message lists the valid ones), or a malformed file.
+        Unknown name (the message lists the valid ones), or a defaults list naming anything else.
     """
     valid = list_models(config_dir)
     if name not in valid:
@@ -147,7 +151,19 @@ def get_spec(name: str, config_dir: str | os.PathLike | None = None) -> ModelSpe
         raise ConfigError(f"unknown model '{name}'{hint}; valid: {', '.join(valid)}")
     from omegaconf import OmegaConf
 
-    spec = spec_from_config(OmegaConf.load(model_dir(config_dir) / f"{name}.yaml"))
+    path = model_dir(config_dir) / f"{name}.yaml"
+    entry = OmegaConf.load(path)
+    defaults = list(entry.pop("defaults", []))
+    if set(defaults) - {DEFAULTS_ENTRY, "_self_"}:
+        raise ConfigError(f"{path}: its defaults list may name only {DEFAULTS_ENTRY} and _self_, "
+                          f"got {defaults}")
+    base = OmegaConf.load(DEFAULTS_FILE) if DEFAULTS_ENTRY in defaults else {}
+    return OmegaConf.to_container(OmegaConf.merge(base, entry), resolve=True)
+
+
+def get_spec(name: str, config_dir: str | os.PathLike | None = None) -> ModelSpec:
+    """The ModelSpec of zoo entry `name` (see `model_config`)."""
+    spec = spec_from_config(model_config(name, config_dir))
     if spec.name != name:
         raise ConfigError(f"conf/model/{name}.yaml says name: {spec.name}; make the two agree")
     return spec

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from brainrobust.data.synthetic_brain import SyntheticBrain
 from brainrobust.errors import ConfigError
 from brainrobust.models.build import build, build_encoder
-from brainrobust.models.zoo import get_spec, model_dir
+from brainrobust.models.zoo import model_config
 from brainrobust.probes.attack import (
     NORMS,
     check_budget,
@@ -307,8 +307,8 @@ def _plain(node: Any) -> Any:
 def _model_node(model: Mapping[str, Any]) -> dict[str, Any]:
     """A scorer model's config: its zoo entry with the listed settings over it, as a run's
     `model=NAME model.KEY=VALUE` composes it."""
-    get_spec(model["name"])  # an unknown name: the zoo's one line with suggestions
-    entry = OmegaConf.merge(OmegaConf.load(model_dir() / f"{model['name']}.yaml"), dict(model))
+    # An unknown name gets the zoo's one line with suggestions.
+    entry = OmegaConf.merge(model_config(model["name"]), dict(model))
     return OmegaConf.to_container(entry, resolve=True)
 
 
