@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> RunStore:
         check_writable(folder)
     logger = build_logger(cfg, store)
     with claimed(store):
-        if store.is_complete() and not cfg.force:
+        if store.is_complete() and not cfg.force and not any(p.stale(store) for p in probes):
             log.info("run %s is complete (%s): skipped; pass force=true to redo it", store.key,
                      store.dir)
             with closing_logger(logger):

@@ -264,3 +264,29 @@ def test_bad_settings_are_config_errors(kwargs, match):
 def test_matrix_reports_missing_records(tmp_path):
     with pytest.raises(DataError, match="no records of probe 'transfer'"):
         transfer_matrix(tmp_path, "FFA")
+
+
+def test_a_transfer_run_is_redone_when_new_sources_appear(tmp_path):
+    """A finished transfer is stale once the store gains a source run it never weighed."""
+    store = ResultsStore(tmp_path)
+    W = _readout(0)
+    sens = {"experiment_name": "sensitivity"}
+    _run(_sensitivity(), _encoder(W, "A"), _context(store, "A", identity_extra=sens))
+    target = _context(store, "T", identity_extra={"experiment_name": "transfer"})
+    probe = _transfer(sources=[{"experiment_name": "sensitivity"}])
+    first = _run(probe, _encoder(W, "T"), target)
+    assert set(first.source_model) == {"A"} and not probe.stale(target.store)
+
+    _run(_sensitivity(), _encoder(_readout(1), "C"), _context(store, "C", identity_extra=sens))
+    assert probe.stale(target.store)
+    again = _run(probe, _encoder(W, "T"), target)
+    assert set(again.source_model) == {"A", "C"} and not probe.stale(target.store)
+    # A's replayed changes are the same computation as before (the random controls draw from
+    # one stream over all sources, so adding a source moves their draws).
+    keep = ["source_model", "image_id", "eps", "roi", "metric"]
+
+    def replayed(records):
+        return records[~records.metric.str.startswith("random")].set_index(keep).value.sort_index()
+
+    old = replayed(first)
+    np.testing.assert_array_equal(replayed(again).loc[old.index], old)

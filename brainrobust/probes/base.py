@@ -221,6 +221,11 @@ class Probe(L.Callback):
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
         raise NotImplementedError
 
+    def stale(self, store: RunStore) -> bool:
+        """Whether this probe's written records miss inputs that appeared since (new source runs
+        of a transfer): a stale probe is redone, also in a run that is complete."""
+        return False
+
     def media(self) -> dict[str, dict[str, Any]]:
         """Arrays of this run to render as pictures once it is written (array name -> options
         of `brainrobust.analysis.gallery.run_media`). Probes compute and store; analysis draws."""
@@ -231,7 +236,8 @@ class Probe(L.Callback):
         if ctx is None:
             raise RuntimeError(f"probe {self.name} was not bound to a context before trainer.test")
         # Every rank must take the same branch; rank 0's view of the store decides.
-        if trainer.strategy.broadcast(ctx.store.has_records(self.name) and not self.force):
+        if trainer.strategy.broadcast(ctx.store.has_records(self.name) and not self.force
+                                      and not self.stale(ctx.store)):
             log.info("probe %s: records exist in %s, skipped", self.name, ctx.store.dir)
             return
         if torch.is_inference_mode_enabled():

@@ -52,6 +52,8 @@ class SourceKind:
 
 # Kept in step with the arrays and records the producing probes write (probes never import
 # each other, so the names are the contract).
+# The source runs a transfer weighed, beside its records.
+SOURCES_ARRAY = "transfer_sources"
 KINDS = {
     "fixed_eps": SourceKind(array="perturbations", probe="sensitivity"),
     "effect_matched": SourceKind(array="effect_matched", probe="effect_matched"),
@@ -109,10 +111,11 @@ class TransferProbe(Probe):
         all_ids = ctx.image_ids[: self.n_selected(ctx)]
         stimuli = _stimulus_signature(ctx.store.identity)
         generator = ctx.generator(offset=1)
-        frames = []
+        frames, considered = [], []
         for roi in self.selected_rois():
             for source_roi in self.source_rois or [roi]:
                 for source in self.find_sources(root, source_roi, stimuli):
+                    considered.append((source_roi, source.key))
                     frame = self._transfer(encoder, roi, source_roi, source, images, ids, all_ids,
                                            generator)
                     if frame is None:
@@ -120,6 +123,11 @@ class TransferProbe(Probe):
                     frame["target_model"] = ctx.meta.get("model")
                     frame["target_subject"] = ctx.meta.get("subject")
                     frames.append(frame)
+        # Every source weighed, applied or not (no shared image): what `stale` compares against.
+        # Saved on every DDP shard alike, before a shard without records returns.
+        pairs = sorted(set(considered))
+        ctx.store.save_array(SOURCES_ARRAY, {"source_roi": np.array([r for r, _ in pairs], dtype=str),
+                                             "source_run": np.array([k for _, k in pairs], dtype=str)})
         if not frames:
             if ctx.shard.world > 1:
                 return pd.DataFrame()
@@ -129,6 +137,25 @@ class TransferProbe(Probe):
         records["kind"] = self.kind
         records["norm_type"] = self.norm
         return records
+
+    def stale(self, store: RunStore) -> bool:
+        """True where the store has gained source runs since this run's transfer was computed."""
+        if not store.has_records(self.name) or not store.has_array(SOURCES_ARRAY):
+            return False
+        root = Path(self.results_dir) if self.results_dir else store.dir.parent.parent
+        stimuli = _stimulus_signature(store.identity)
+        used = store.load_array(SOURCES_ARRAY)
+        seen = set(zip(used["source_roi"].tolist(), used["source_run"].tolist(), strict=True))
+        for source_roi in sorted({roi for roi, _ in seen}):
+            try:
+                now = {(source_roi, s.key) for s in self.find_sources(root, source_roi, stimuli)}
+            except DataError:  # sources gone or broken: the next full run says so
+                continue
+            if now - seen:
+                log.info("probe transfer: %d source run(s) of %s added since run %s computed it; "
+                         "redoing it", len(now - seen), source_roi, store.key)
+                return True
+        return False
 
     # ---- sources -------------------------------------------------------------------------
 
