@@ -87,6 +87,11 @@ class BrainDataModule(L.LightningDataModule):
     def rois(self) -> dict[str, np.ndarray]:
         return self.test.rois
 
+    @property
+    def image_source_id(self) -> str:
+        """Which stimuli these are (file and resizing): part of every feature cache key."""
+        return self.loader.image_source_id
+
     def images(self, split: str) -> np.ndarray:
         """uint8 (n, S, S, 3) images of a split, in the order of its ids."""
         return self.loader.images(getattr(self, split).ids)

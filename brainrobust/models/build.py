@@ -67,13 +67,13 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
 
     cache_dir = Path(cfg.paths.cache_dir)
     feature_key = feature_cache_key(spec, torch.nn.Sequential(preprocess, features),
-                                    dm.loader.image_source_id, dm.train.ids, cfg.paths.weights_dir)
+                                    dm.image_source_id, dm.train.ids, cfg.paths.weights_dir)
     readout_key = stable_hash({
         "features": stable_hash(feature_key),
         "responses": hashlib.sha256(np.ascontiguousarray(dm.train.responses).tobytes()).hexdigest(),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "subject": dm.subject, "rois": {k: v.tolist() for k, v in dm.rois.items()},
-        "train_ids": stable_hash(dm.train.ids.tolist()), "source": dm.loader.image_source_id,
+        "train_ids": stable_hash(dm.train.ids.tolist()), "source": dm.image_source_id,
         "readout": OmegaConf.to_container(cfg.readout, resolve=True), "seed": cfg.seed,
     })
     readout_path = cache_dir / "readouts" / f"{spec.name}-s{dm.subject}-{readout_key}.safetensors"
@@ -91,7 +91,7 @@ def build_encoder(cfg: DictConfig, spec: ModelSpec, dm: BrainDataModule,
     def fit_readout() -> LinearReadout:
         x_train = extract_features(
             spec, torch.nn.Sequential(preprocess, features), images=dm.images("train"), ids=dm.train.ids,
-            image_source_id=dm.loader.image_source_id, cache_dir=cache_dir / "features",
+            image_source_id=dm.image_source_id, cache_dir=cache_dir / "features",
             batch_size=dm.batch_size, weights_dir=cfg.paths.weights_dir,
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1, trainer=trainer)
