@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import LinearEncoder
 
+from brainrobust.costs import search_rounds
 from brainrobust.errors import ConfigError, DataError
-from brainrobust.plan import search_rounds
 from brainrobust.probes.attack import PGDConfig
 from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.effect_matched import EffectMatchedProbe

@@ -11,18 +11,12 @@ import pytest
 from helpers import REPO, compose_config
 from omegaconf import OmegaConf
 
+from brainrobust.costs import GMACS, backbone_scale, search_rounds
 from brainrobust.data.synthetic import ensure_synthetic_nsd
 from brainrobust.errors import ConfigError
 from brainrobust.identity import config_identity, key_columns
 from brainrobust.models.zoo import list_models, model_config
-from brainrobust.plan import (
-    GMACS,
-    backbone_scale,
-    job_configs,
-    job_fingerprint,
-    plan,
-    search_rounds,
-)
+from brainrobust.plan import job_configs, job_fingerprint, plan
 from brainrobust.results.store import ResultsStore
 
 # The default synthetic twin, before a run writes it: 80 test images.
