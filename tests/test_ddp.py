@@ -203,3 +203,17 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_line(ddp_runs):
     assert [p.returncode for p in procs] == [2, 2], outs
     assert "error: image file" in outs[0] and "missing.png not found" in outs[0]
     assert "error: probe targeted failed on rank 0: image file" in outs[1]
+
+
+def test_no_probe_shadows_the_base_class_machinery():
+    """A probe's own helper named like one of Probe's (an effect-matched `_attempt` did once)
+    silently replaces the DDP and resume machinery: only the public hooks may be overridden."""
+    import brainrobust.probes as probes
+    from brainrobust.probes.base import Probe
+
+    for module in ("sensitivity", "transfer", "effect_matched", "subspace", "targeted", "mei",
+                   "insilico"):
+        __import__(f"{probes.__name__}.{module}")
+    private = {name for name in vars(Probe) if name.startswith("_") and not name.startswith("__")}
+    for cls in Probe.__subclasses__():
+        assert not private & set(vars(cls)), (cls.__name__, private & set(vars(cls)))

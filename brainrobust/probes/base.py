@@ -318,8 +318,9 @@ class Probe(L.Callback):
         return error, self._share(group, failure)
 
     def _merge_and_write(self, trainer: L.Trainer, store: RunStore, parts: list) -> None:
+        # Each rank's part: (records, arrays, the arrays' exact entries), or None without images.
         shards = [p for p, _ in parts if p is not None]
-        if not any(len(records) for records, _ in shards):
+        if not any(len(shard[0]) for shard in shards):
             raise DataError(f"probe {self.name} produced no records on any rank")
         records, arrays = merge_shards(shards, self.image_axes)
         exact = {name: keys for shard in shards for name, keys in shard[2].items()}

@@ -149,7 +149,7 @@ class EffectMatchedProbe(Probe):
             idx = active.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            self._attempt(brackets, encoder, roi, x, idx, eps[idx], target, generator)
+            self._attack_at(brackets, encoder, roi, x, idx, eps[idx], target, generator)
             lo, hi = brackets.lo[idx], brackets.hi[idx]
             unbracketed = torch.isinf(hi)
             given_up = unbracketed & (lo >= self.eps_max)
@@ -162,10 +162,10 @@ class EffectMatchedProbe(Probe):
         guess = brackets.crossing(target) * (1 + INTERPOLATION_MARGIN * self.rel_tol)
         idx = (torch.isfinite(brackets.hi) & (guess < brackets.hi)).nonzero().squeeze(1)
         if len(idx):
-            self._attempt(brackets, encoder, roi, x, idx, guess[idx], target, generator)
+            self._attack_at(brackets, encoder, roi, x, idx, guess[idx], target, generator)
         return brackets.results()
 
-    def _attempt(self, brackets: _Brackets, encoder: torch.nn.Module, roi: str, x: torch.Tensor,
+    def _attack_at(self, brackets: _Brackets, encoder: torch.nn.Module, roi: str, x: torch.Tensor,
                  idx: torch.Tensor, eps: torch.Tensor, target: float,
                  generator: torch.Generator) -> None:
         xi = x[idx]
