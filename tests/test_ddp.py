@@ -208,7 +208,7 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_line(ddp_runs):
 def test_no_probe_shadows_the_base_class_machinery():
     """A probe's own helper named like one of Probe's (an effect-matched `_attempt` did once)
     silently replaces the DDP and resume machinery: only the public hooks may be overridden."""
-    import brainrobust.probes as probes
+    from brainrobust import probes
     from brainrobust.probes.base import Probe
 
     for module in ("sensitivity", "transfer", "effect_matched", "subspace", "targeted", "mei",
