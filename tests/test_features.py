@@ -14,7 +14,7 @@ from torch import nn
 from brainrobust.errors import ConfigError, DataError
 from brainrobust.models.backbones import build_architecture
 from brainrobust.models.features import build_feature_model, extract_features
-from brainrobust.models.layers import LayerFeatures, Preprocess
+from brainrobust.models.layers import FEATURES, LayerFeatures, Preprocess
 from brainrobust.models.zoo import get_spec
 
 S = 32  # stimulus size in these tests; Preprocess resizes to the model's input_size
@@ -86,15 +86,10 @@ def rounding_bound(spec, model, images):
                 module.weight.copy_(scale.abs() * sd)
                 module.running_mean.zero_()
                 terms += 3
-        shape = []
-        layer = features.backbone.get_submodule(features.layer)
-        handle = layer.register_forward_hook(lambda module, args, out: shape.append(out.shape))
         x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).double() / 255
-        try:
-            magnitude = absolute(x)
-        finally:
-            handle.remove()
-    terms += int(np.prod(shape[0][2:]))  # pooling sums at most the whole map
+        layer_map = features.backbone(preprocess(x))[FEATURES]
+        magnitude = absolute(x)
+    terms += int(np.prod(layer_map.shape[2:]))  # pooling sums at most the whole map
     return EPS32 * terms * magnitude.numpy()
 
 
@@ -106,12 +101,15 @@ def test_unknown_layer_lists_the_nearest_names(spec):
 
 def test_forward_stops_at_the_layer_and_stays_differentiable(spec):
     backbone = build_architecture(spec).eval()
-    ran: list[str] = []
-    backbone.block4.register_forward_pre_hook(lambda module, args: ran.append("block4"))
     features = LayerFeatures(backbone, "block2", pool="avg")
+    ran: list[str] = []
+    # Hooks on the convolutions (leaf modules, which the cut backbone calls as they are).
+    for name in ("block2", "block4"):
+        backbone.get_submodule(name)[0].register_forward_pre_hook(
+            lambda module, args, name=name: ran.append(name))
     x = torch.rand(2, 3, 64, 64, requires_grad=True)
     out = features(x)
-    assert out.shape == (2, 64) and ran == []
+    assert out.shape == (2, 64) and ran == ["block2"]
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
@@ -312,7 +310,7 @@ def test_random_init_weights_are_part_of_the_key(spec, counted, images, tmp_path
     model, calls = counted
     run(spec, model, images, tmp_path)
     with torch.no_grad():
-        model[1].backbone.block1[0].weight.mul_(2)  # same spec, other weights
+        model[1].backbone.get_submodule("block1.0").weight.mul_(2)  # same spec, other weights
     calls.clear()
     run(spec, model, images, tmp_path)
     assert sum(calls) == 10

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models import create_feature_extractor
 from torch import Tensor, nn
 
 from brainrobust.errors import ConfigError, DataError
@@ -17,6 +18,7 @@ from brainrobust.models.zoo import parse_pool
 # Bumped when the resize or reduction arithmetic changes, so feature caches built with the
 # old arithmetic get a different key.
 FEATURE_ARITHMETIC = "v1"
+FEATURES = "features"  # the traced backbone's one output
 
 
 class Preprocess(nn.Module):
@@ -65,19 +67,20 @@ class Preprocess(nn.Module):
         }
 
 
-class _StopForward(Exception):
-    """Raised by the layer hook: the rest of the network is not needed."""
-
-
 class LayerFeatures(nn.Module):
     """Backbone up to a named layer, reduced to a (B, p) vector; differentiable in the input.
+
+    The backbone is cut at the layer by FX graph extraction (timm's wrapper of torchvision's
+    `create_feature_extractor`): `self.backbone` is a traced module that computes only what the
+    layer needs, shares the backbone's parameters, and compiles (no hook, no exception).
 
     Parameters
     ----------
     backbone
-        Any module; `layer` is one of its `named_modules()` names (e.g. "layer4", "blocks.11").
+        Any traceable module; `layer` is one of its `named_modules()` names (e.g. "layer4",
+        "blocks.11"): its output is the last operation inside that module.
     layer
-        The readout layer; the forward pass stops right after it, so later layers never run.
+        The readout layer; later layers are not part of the traced module.
     pool
         avg | max | flatten | cls | gridK (see `brainrobust.models.zoo.parse_pool`). For token
         outputs (B, T, C) avg/max/gridK use the patch tokens only and cls takes token 0;
@@ -107,7 +110,12 @@ class LayerFeatures(nn.Module):
                 f"layer '{layer}' not in {type(backbone).__name__}; "
                 f"nearest valid: {', '.join(close)}"
             )
-        self.backbone = backbone
+        try:
+            self.backbone = create_feature_extractor(backbone, {layer: FEATURES})
+        except (ValueError, RuntimeError, TypeError) as err:  # FX cannot trace or find it
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"cannot cut {type(backbone).__name__} at layer '{layer}' ({reason}); "
+                              "pick another model.layer") from None
         self.layer = layer
         self.pool = pool
         self.kind, self.grid = parse_pool(pool)
@@ -118,24 +126,7 @@ class LayerFeatures(nn.Module):
         self.register_buffer("projection", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        captured: list[Any] = []
-
-        def grab(module: nn.Module, inputs: Any, output: Any) -> None:
-            captured.append(output)
-            raise _StopForward
-
-        handle = self.backbone.get_submodule(self.layer).register_forward_hook(grab)
-        try:
-            self.backbone(x)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise ConfigError(
-                f"layer '{self.layer}' never ran in the forward pass; pick another model.layer"
-            )
-        features = self._reduce(captured[0])
+        features = self._reduce(self.backbone(x)[FEATURES])
         if self.project_dim is not None:
             features = features @ self._projection(features)
         return features
