@@ -1,7 +1,18 @@
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from brainrobust.data.synthetic import ensure_synthetic_nsd
+
+# Refuse every connection that would leave the machine, here and in the processes tests start.
+NETGUARD = Path(__file__).parent / "netguard"
+sys.path.insert(0, str(NETGUARD))
+import sitecustomize  # noqa: F401  (installs the guard in this process)
+
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
