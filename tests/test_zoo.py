@@ -20,6 +20,7 @@ from brainrobust.models.zoo import (
     ModelSpec,
     get_spec,
     list_models,
+    model_config,
     spec_from_config,
 )
 
@@ -116,6 +117,9 @@ def test_every_yaml_composes_into_a_modelspec(name: str) -> None:
     expected = dataclasses.replace(get_spec(name), weights="/data/w.pt", layer="x")
     assert spec == expected
     assert spec_from_config(cfg.model) == expected
+    # Read without Hydra, the entry is the node Hydra composes: every field, defaults included.
+    composed = OmegaConf.to_container(cfg.model, resolve=True)
+    assert model_config(name) | {"weights": "/data/w.pt", "layer": "x"} == composed
 
 
 def test_model_files_state_only_what_differs_from_the_defaults() -> None:
