@@ -216,7 +216,7 @@ def render_media(store: RunStore, probes: list[Probe]) -> None:
     if names:
         from brainrobust.analysis.gallery import run_media
 
-        run_media(store, store.dir / "media", names)
+        run_media({name: store.load_array(name) for name in names}, store.dir / "media", names)
 
 
 def build_logger(cfg: DictConfig, store: RunStore) -> Any:

@@ -220,44 +220,42 @@ def _model_label(arrays: Mapping[str, np.ndarray]) -> str:
 def gallery(root: str | Path, out: str | Path) -> list[Path]:
     """Rebuild every targeted and MEI picture of the results store under `root` into `out`.
 
-    Writes, per run, out/<model>_s<subject>/ with the targeted videos, strips and response plots
+    Writes, per run, out/<model>_s<subject>/ (with the run key appended for a second run of
+    the same model and subject) with the targeted videos, strips and response plots
     and an MEI grid (ROI x seed); across runs, per subject and targeted setting, one side-by-side
     panel (standard models above robust ones) and one MEI gallery (ROI x model, the best seed).
     Returns the written paths; raises DataError when no run holds targeted or MEI arrays.
     """
     root, out = Path(root), Path(out)
     paths: list[Path] = []
-    # (subject, array name) -> [(row label, robust, run dir, driven roi, direction)]
-    targeted: dict[tuple[Any, str], list[tuple[str, bool, Path, str, str]]] = defaultdict(list)
+    # (subject, array name) -> [(row label, robust, run key, driven roi, direction, arrays)]
+    targeted: dict[tuple[Any, str], list[tuple[str, bool, str, str, str, Mapping[str, np.ndarray]]]] = (
+        defaultdict(list))
     meis: dict[Any, dict[str, dict[str, Mapping[str, np.ndarray]]]] = defaultdict(dict)
     used: set[Path] = set()
 
-    def unique(path: Path, key: str) -> Path:
-        # Two runs of one model and subject (e.g. two schedules) must not overwrite each other.
-        path = path if path not in used else path.with_name(f"{path.name}_{key[:8]}")
-        used.add(path)
-        return path
-
     for run in ResultsStore(root).runs():
         key = run["key"]
-        run_dir = root / "runs" / key
-        store = RunStore(dir=run_dir, key=key, columns=run["columns"])
+        store = ResultsStore(root).open(run)
         subject = run["columns"].get("subject", "?")
+        # Two runs of one model and subject (e.g. two schedules) get folders of their own.
         run_out = out / f"{run['columns'].get('model', key)}_s{subject}"
+        run_out = run_out if run_out not in used else run_out.with_name(f"{run_out.name}_{key[:8]}")
+        used.add(run_out)
+        arrays = {npz.stem: store.load_array(npz.stem)
+                  for npz in sorted((store.dir / "arrays").glob("*.npz"))
+                  if npz.stem.startswith(("targeted_", "mei_"))}
+        paths += run_media(arrays, run_out)
         mei_arrays = {}
-        for npz in sorted((run_dir / "arrays").glob("*.npz")):
-            if npz.stem.startswith("targeted_"):
-                arrays = store.load_array(npz.stem)
-                paths += targeted_media(arrays, run_out, unique(run_out / npz.stem, key).name)
-                robust = bool(arrays["robust"]) if "robust" in arrays else False
-                driven, direction = _text(arrays, "driven_roi"), _text(arrays, "direction")
-                label = _model_label(arrays)
-                targeted[(subject, npz.stem)].append((label, robust, run_dir, driven, direction))
-            elif npz.stem.startswith("mei_"):
-                arrays = store.load_array(npz.stem)
-                mei_arrays[str(arrays["target_roi"])] = arrays
+        for name, entries in arrays.items():
+            if name.startswith("targeted_"):
+                robust = bool(entries["robust"]) if "robust" in entries else False
+                driven, direction = _text(entries, "driven_roi"), _text(entries, "direction")
+                targeted[(subject, name)].append(
+                    (_model_label(entries), robust, key, driven, direction, entries))
+            else:
+                mei_arrays[str(entries["target_roi"])] = entries
         if mei_arrays:
-            paths.append(mei_grid(mei_arrays, unique(run_out / "mei_grid", key)))
             label = _model_label(next(iter(mei_arrays.values())))
             label = label if label not in meis[subject] else f"{label} [{key[:6]}]"
             meis[subject][label] = mei_arrays
@@ -268,9 +266,9 @@ def gallery(root: str | Path, out: str | Path) -> list[Path]:
         # Standard models first, robust ones below: the talk's panel reads top to bottom.
         ordered = sorted(runs, key=lambda r: (r[1], r[0]))
         sources = {}
-        for label, _, run_dir, _, _ in ordered:
+        for label, _, key, _, _, entries in ordered:
             # Two runs of one model (e.g. two schedules) keep both rows, told apart by run key.
-            sources[label if label not in sources else f"{label} [{run_dir.name[:6]}]"] = run_dir
+            sources[label if label not in sources else f"{label} [{key[:6]}]"] = entries
         try:
             paths.append(
                 side_by_side(sources, roi, direction, out / f"side_by_side_s{subject}_{name}")
@@ -311,17 +309,17 @@ def gallery(root: str | Path, out: str | Path) -> list[Path]:
     return paths
 
 
-def run_media(store: RunStore, out: str | Path, names: Mapping[str, Mapping[str, Any]]) -> list[Path]:
-    """The media of one run's arrays `names` (array name -> options, e.g. {"fps": 4}): a video,
-    strip and response plot per targeted start image, and one grid of the run's MEIs."""
-    out, paths = Path(out), []
-    meis = {}
-    for name, options in names.items():
-        arrays = store.load_array(name)
+def run_media(arrays: Mapping[str, Mapping[str, np.ndarray]], out: str | Path,
+              options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
+    """The media of one run's stored arrays (array name -> its entries) in `out`: a video, strip
+    and response plot per targeted start image, and one grid of the run's MEIs. `options` holds
+    keyword arguments per array name (e.g. {"targeted_FFA_increase": {"fps": 4}})."""
+    out, paths, meis = Path(out), [], {}
+    for name, entries in arrays.items():
         if name.startswith("targeted_"):
-            paths += targeted_media(arrays, out, name, **options)
+            paths += targeted_media(entries, out, name, **(options or {}).get(name, {}))
         elif name.startswith("mei_"):
-            meis[str(arrays["target_roi"])] = arrays
+            meis[str(entries["target_roi"])] = entries
         else:
             raise ValueError(f"no media for array {name!r}: only targeted_* and mei_* have pictures")
     if meis:

@@ -7,6 +7,7 @@ assumed, because the codes are a property of the release, not of this package.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ def builtin_names() -> list[str]:
     return sorted(path.stem for path in ROI_DIR.glob("*.yaml"))
 
 
+@functools.cache  # a YAML read per name: sweeps and the fetch plan ask for the same ROIs often
 def builtin_roi(name: str) -> ROISpec:
     """The NSD definition of a named ROI (conf/roi/<name>.yaml); "lh.FFA" / "rh.FFA" select one
     hemisphere.
