@@ -18,10 +18,11 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from brainrobust.data.datamodule import BrainDataModule
-from brainrobust.errors import ConfigError
+from brainrobust.errors import ConfigError, Interrupted
 from brainrobust.files import check_writable, exclusive
 from brainrobust.identity import config_identity, key_columns
 from brainrobust.models.build import build, build_encoder
@@ -199,8 +200,13 @@ def compute(cfg: DictConfig, store: RunStore, spec: ModelSpec, dm: BrainDataModu
         probe.bind(context)
     with closing_logger(logger):
         with lightning_notices_off():
-            trainer.test(encoder, dataloaders=dm.test_dataloader(), verbose=False)
-        # Under DDP every rank computed the same predictivity; rank 0 alone writes.
+            try:
+                trainer.test(encoder, dataloaders=dm.test_dataloader(), verbose=False)
+            except SIGTERMException:
+                # Lightning ends its loop after the batch a SIGTERM arrived in, as a clean exit.
+                raise Interrupted("stopped by a signal; the finished batches are kept: rerun the "
+                                  "same command to resume") from None
+        # Under DDP every rank holds the gathered predictivity; rank 0 alone writes.
         if trainer.is_global_zero:
             if not store.has_records("predictivity") or cfg.force:
                 store.write_records("predictivity", encoder.predictivity)

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from helpers import REPO, config_maker, isolated
 
@@ -188,11 +189,12 @@ def test_force_redoes_every_probe_of_a_finished_run(make_cfg, monkeypatch):
 
     store = run(make_cfg())
     calls = []
-    real = SensitivityProbe.run
-    monkeypatch.setattr(SensitivityProbe, "run", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = SensitivityProbe.run_batch
+    monkeypatch.setattr(SensitivityProbe, "run_batch",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     assert run(make_cfg()).key == store.key and calls == []
     again = run(make_cfg("force=true"))
-    assert again.key == store.key and calls == [1]
+    assert again.key == store.key and calls  # one call per test-loop batch
 
 
 @pytest.mark.slow  # the default attack on 8 images: minutes on 2 cores
@@ -226,3 +228,24 @@ def test_no_progress_bar_when_switched_off(synthetic_root, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "it/s" not in out.stderr and "img/s" not in out.stderr and "%|" not in out.stderr
+
+
+def test_per_image_probes_work_on_the_test_loops_batches(make_cfg, monkeypatch):
+    """Sensitivity takes the test loop's batches (data.batch_size) up to its max_images; its
+    batches' arrays come out as one piece and the kept batches are gone once it is written."""
+    from brainrobust.probes.sensitivity import SensitivityProbe
+
+    sizes = []
+    real = SensitivityProbe.run_batch
+
+    def counting(self, encoder, ctx, images, ids):
+        assert torch.is_grad_enabled()  # Lightning's loop runs under no_grad; probes need autograd
+        sizes.append(len(ids))
+        return real(self, encoder, ctx, images, ids)
+
+    monkeypatch.setattr(SensitivityProbe, "run_batch", counting)
+    store = run(make_cfg("data.batch_size=4", "probe.sensitivity.max_images=10"))
+    assert sizes == [4, 4, 2]
+    ids = store.load_array("perturbations_FFA_l2")["image_id"]
+    assert len(ids) == 10 and set(ids) == set(store.read_records("sensitivity").image_id)
+    assert store.load_array("perturbations_FFA_l2")["delta"].shape[1] == 10 and not (store.dir / "partial" / "sensitivity-1ranks").exists()

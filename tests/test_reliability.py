@@ -93,17 +93,17 @@ def test_two_processes_compute_one_run_once(synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_at_a_chunk_and_the_rerun_resumes_there(synthetic_root, tmp_path):
-    """A preempted probe keeps its finished chunks; the rerun continues from them and gives the
-    records of an uninterrupted run."""
+def test_sigterm_stops_at_a_batch_and_the_rerun_resumes_there(synthetic_root, tmp_path):
+    """A preempted probe keeps the test loop's batches it finished; the rerun continues from them
+    and gives the records of an uninterrupted run."""
     root, _ = synthetic_root
-    settings = ["attack.steps=20", "probe.sensitivity.max_images=12", "probe.sensitivity.batch_size=1",
+    settings = ["attack.steps=20", "probe.sensitivity.max_images=12", "data.batch_size=1",
                 "probe.sensitivity.random_draws=1", "print_table=false"]
     argv = [sys.executable, "run.py", *isolated(root, tmp_path / "a"), *settings]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "a" / "results" / "runs"
     deadline = time.monotonic() + 600
-    while len(list(partial.glob("*/partial/sensitivity-0of1/*.npz"))) < 2:
+    while len(list(partial.glob("*/partial/sensitivity-1ranks/*.npz"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -111,12 +111,12 @@ def test_sigterm_stops_at_a_chunk_and_the_rerun_resumes_there(synthetic_root, tm
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and time.monotonic() - sent < 60, err
     assert "stopped: stopped by a signal" in err and "Traceback" not in err
-    kept = sorted(partial.glob("*/partial/sensitivity-0of1/*.npz"))
+    kept = sorted(partial.glob("*/partial/sensitivity-1ranks/*.npz"))
     assert 2 <= len(kept) < 12 and not list(partial.glob("*/records/sensitivity.parquet"))
 
     resumed = subprocess.run(argv, check=False, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"reused {len(kept)} kept chunks" in resumed.stderr
+    assert f"reused {len(kept)} kept batches" in resumed.stderr
     whole = subprocess.run([sys.executable, "run.py", *isolated(root, tmp_path / "b"), *settings],
                            check=False, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert whole.returncode == 0, whole.stderr

@@ -80,7 +80,7 @@ def test_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
                              random_draws=1)
     probe.bind(ctx)
     records = probe.run(encoder, ctx)
-    assert sizes[:3] == [4, 2, 2] and records.image_id.nunique() == 40
+    assert sizes[:4] == [8, 4, 2, 2] and records.image_id.nunique() == 40
     assert len(records[records.metric == "abs_s"]) == 40
 
 

@@ -113,7 +113,11 @@ class BrainDataModule(L.LightningDataModule):
         return int(self.image_tensor("test").shape[-1])
 
     def test_dataloader(self) -> DataLoader:
-        data = TensorDataset(self.image_tensor("test"), torch.from_numpy(self.test.responses))
+        # Each image's position in the test split travels with it: under DDP the distributed
+        # sampler deals the images out (repeating a few), and probes and predictivity put the
+        # ranks' shares back in order by it.
+        images = self.image_tensor("test")
+        data = TensorDataset(images, torch.from_numpy(self.test.responses), torch.arange(len(images)))
         return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
 
 

@@ -51,6 +51,7 @@ class BrainEncoder(L.LightningModule):
         self.roi_noise_ceiling = dict(roi_noise_ceiling or {})
         self._test_pred: list[torch.Tensor] = []
         self._test_true: list[torch.Tensor] = []
+        self._test_pos: list[torch.Tensor] = []
         self.predictivity: pd.DataFrame | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,21 +71,26 @@ class BrainEncoder(L.LightningModule):
             raise ConfigError(f"ROI {roi!r} is not in this encoder; valid: {sorted(self.rois)}")
         return responses[:, self.rois[roi].to(responses.device)].mean(dim=1)
 
-    # The Lightning test loop computes predictivity; probes run after it as callbacks.
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, responses = batch
-        self._test_pred.append(self(images).float().cpu())
-        self._test_true.append(responses.float().cpu())
+    # The Lightning test loop computes predictivity; per-image probes work on the same batches.
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, responses, positions = batch
+        self._test_pred.append(self(images).float())
+        self._test_true.append(responses.float())
+        self._test_pos.append(positions)
 
     def on_test_epoch_start(self) -> None:
-        self._test_pred, self._test_true = [], []
+        self._test_pred, self._test_true, self._test_pos = [], [], []
 
     def on_test_epoch_end(self) -> None:
-        pred = torch.cat(self._test_pred).numpy()
-        true = torch.cat(self._test_true).numpy()
-        # Every DDP rank sees the whole test split (no distributed sampler): no sync needed.
-        self.predictivity = predictivity_table(pred, true, self.rois, self.noise_ceiling,
-                                               self.roi_noise_ceiling)
+        # Under DDP each rank saw its share (the sampler pads the shares to one length by
+        # repeating images): gather them, then keep each test image once, in test-split order.
+        world = self.trainer.world_size
+        pred, true, pos = (self.all_gather(torch.cat(parts)).flatten(0, 1).cpu()
+                           if world > 1 else torch.cat(parts).cpu()
+                           for parts in (self._test_pred, self._test_true, self._test_pos))
+        _, first = np.unique(pos.numpy(), return_index=True)
+        self.predictivity = predictivity_table(pred.numpy()[first], true.numpy()[first], self.rois,
+                                               self.noise_ceiling, self.roi_noise_ceiling)
 
 
 def predictivity_table(

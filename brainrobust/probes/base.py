@@ -1,126 +1,48 @@
-"""The probe interface: a Lightning callback that runs on the test split once the encoder is ready.
+"""The probe interface: a Lightning callback that works inside the test loop.
 
-`run.py` binds a `ProbeContext` to every probe and calls `trainer.test(encoder, ...)`; each probe
-then runs in `on_test_end`, writes its long-format records through the results store and logs a
-few summary scalars to the active logger. Probes share only the encoder interface and the context:
-they never import each other.
+`run.py` binds a `ProbeContext` to every probe and calls `trainer.test(encoder, ...)`. The test
+loop's batches carry each image's position in the test split; under DDP Lightning's distributed
+sampler deals them out to the ranks.
 
-Under DDP (trainer.devices > 1), a probe whose work is independent per test image (it declares
-`image_axes`) runs on a contiguous shard of the images in every rank; rank 0 gathers the shards'
-records and arrays, merges them (arrays in image order) and writes them. Other probes run on rank 0 alone
-while the other ranks wait. Only rank 0 writes to the results store.
+- Per-image probes (sensitivity, effect_matched, subspace, transfer; they declare `image_axes`)
+  implement `run_batch`: the loop hands them its batches (with gradients enabled), so the
+  loop's progress bar follows their work. Each finished batch is kept on disk (`chunks`), which
+  makes an interrupted run resume where it stopped and carries every rank's share to rank 0:
+  at the end of the epoch every rank lists its batches and waits at the strategy's barrier, then
+  rank 0 merges them in test-split order (dropping the distributed sampler's padding repeats)
+  and writes the records and arrays. Transfer reads its sources' stored perturbations, which
+  would be read again for every batch, so it takes this rank's images in one piece at the end
+  of the epoch (`per_batch = False`).
+- Whole-set probes (targeted, mei, insilico: `image_axes = None`) need every image at once and
+  implement `run`, which rank 0 calls once the test loop has ended.
+
+Probes share only the encoder interface and the context: they never import each other. Only
+rank 0 writes to the results store.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from brainrobust.errors import BrainRobustError, ConfigError, DataError
-from brainrobust.probes.chunks import ChunkStore, run_chunks
+from brainrobust.errors import ConfigError, DataError, Interrupted
+from brainrobust.probes.chunks import ArrayCapture, Chunk, ChunkStore
 from brainrobust.results.store import RunStore
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-# Beside a run's records: the chunks of probes still running (kept for resumption).
+# Beside a run's records: the kept batches of probes still running.
 PARTIAL = "partial"
-MIN_CHUNKS = 10
-# Seeds of DDP ranks are this far apart, so shards never share random draws; rank 0 keeps the run's.
-RANK_SEED_STRIDE = 1_000_003
-# How long the other ranks wait for rank 0 (a rank-0-only probe, the merge): a SLURM job's
-# default time limit here (conf/hydra/launcher), far above the 30 min of the default group.
-RANK_WAIT = timedelta(hours=4)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """The contiguous block of the selected test images that one DDP rank works on."""
-
-    rank: int = 0
-    world: int = 1
-
-    def bounds(self, n: int) -> tuple[int, int]:
-        edges = np.linspace(0, n, self.world + 1).round().astype(int)
-        return int(edges[self.rank]), int(edges[self.rank + 1])
-
-
-class ShardArrays:
-    """Stands in for the RunStore inside one rank's shard: arrays are held for rank 0 to merge.
-
-    Reads (the run's directory, identity, other runs) pass through to the real store.
-    """
-
-    def __init__(self, store: RunStore):
-        self._store = store
-        self.saved: dict[str, dict[str, np.ndarray]] = {}
-        self.exact: dict[str, tuple[str, ...]] = {}
-
-    def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray],
-                   exact: Collection[str] = ()) -> None:
-        self.saved[name] = dict(arr) if isinstance(arr, Mapping) else {"data": arr}
-        self.exact[name] = tuple(exact)
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._store, attr)
-
-
-def merge_shards(parts: list[tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]],
-                 image_axes: dict[str, int]) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """The ranks' shards as one record set: arrays in image order as one process stores them,
-    records shard after shard (the same rows as one process, in another order).
-
-    Array entries named in `image_axes` are concatenated along that axis; every other entry must
-    be the same in every shard (e.g. the eps ladder), or the merge would silently drop data.
-    """
-    # A shard can hold no rows (e.g. transfer sources sharing no image with it).
-    records = pd.concat([p[0] for p in parts if len(p[0])], ignore_index=True)
-    arrays: dict[str, dict[str, np.ndarray]] = {}
-    for name in parts[0][1]:
-        merged = {}
-        for key in parts[0][1][name]:
-            values = [np.asarray(p[1][name][key]) for p in parts]
-            if key in image_axes:
-                merged[key] = np.concatenate(values, axis=image_axes[key])
-            elif all(np.array_equal(values[0], v, equal_nan=v.dtype.kind == "f") for v in values[1:]):
-                merged[key] = values[0]
-            else:
-                raise RuntimeError(f"array {name}/{key} differs between DDP shards but is not "
-                                   f"declared per image (image_axes); cannot merge it")
-        arrays[name] = merged
-    return records, arrays
-
-
-@contextmanager
-def host_group() -> Iterator[dist.ProcessGroup]:
-    """A gloo group over all ranks for the probes' own exchanges.
-
-    Shards travel through host memory (an NCCL gather would stage every shard on rank 0's GPU at
-    the end of the run), and its timeout lets the ranks wait out a long rank-0-only probe.
-    """
-    group = dist.new_group(backend="gloo", timeout=RANK_WAIT)
-    try:
-        yield group
-    finally:
-        dist.destroy_process_group(group)
-
-
-def first_line(err: BaseException | None) -> str | None:
-    if err is None:
-        return None
-    return (str(err).splitlines() or [""])[0] or type(err).__name__
+# Seeds of batches are this far apart (per test-split position of a batch's first image), so
+# batches never share random draws, whichever rank runs them.
+BATCH_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -136,26 +58,29 @@ class ProbeContext:
     store: RunStore
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    shard: Shard = field(default_factory=Shard)
+    # The test-split position of the first image of the batch a per-image probe works on.
+    stream: int = 0
 
     def generator(self, offset: int = 0) -> torch.Generator:
-        """A generator seeded from the run seed (and DDP rank), on the probe's device."""
+        """A generator seeded from the run seed (and the batch), on the probe's device."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed + offset + RANK_SEED_STRIDE * self.shard.rank)
+        gen.manual_seed(self.seed + offset + BATCH_SEED_STRIDE * self.stream)
         return gen
 
 
 class Probe(L.Callback):
-    """Base class. Subclasses set `name` and implement `run`."""
+    """Base class. Subclasses set `name` and implement `run_batch` (per image) or `run`."""
 
     name: str = "probe"
     # Record columns that, with the ROI, make one setting (an eps of the ladder, a source model):
     # the scalars sent to the loggers are means within a setting, never across settings.
     settings: ClassVar[tuple[str, ...]] = ()
-    # Set by probes whose records and arrays are per test image, so DDP ranks can split the
-    # images: the image axis of each per-image array entry (e.g. {"image_id": 0, "delta": 1}).
-    # None: the probe needs all images at once (selection, MEIs) and runs on rank 0 alone.
+    # Set by per-image probes: the image axis of each per-image array entry (e.g.
+    # {"image_id": 0, "delta": 1}); the other entries must be the same in every batch.
+    # None: the probe needs all images at once (selection, MEIs) and runs after the loop.
     image_axes: ClassVar[dict[str, int] | None] = None
+    # False: the probe takes this rank's images in one piece at the end of the epoch.
+    per_batch: ClassVar[bool] = True
 
     def __init__(self, rois: list[str] | None = None, max_images: int | None = None,
                  force: bool = False):
@@ -166,38 +91,54 @@ class Probe(L.Callback):
         self.force = force
         self.context: ProbeContext | None = None
         self.show_progress = False
+        self._skip = False
         self._kept: ChunkStore | None = None
-        self._should_stop: Callable[[], bool] = lambda: False
+        self._tags: list[str] = []
+        self._waiting: list[np.ndarray] = []
+        self._reused = self._done = 0
 
-    def chunked(self, n: int, batch_size: int, work: Callable[[int, int], T], what: str,
-                generator: torch.Generator | None = None) -> list[T]:
-        """`work(start, stop)` over n images in chunks (`chunks.run_chunks`): a live bar, each
-        finished chunk kept for a rerun to resume from, a SIGTERM honoured between chunks.
-        `what` names the chunks within this probe (e.g. the ROI); `generator` is the one
-        `work` draws from. A chunk is at most a tenth of the images, so the bar and the kept
-        chunks advance even when all images would fit one batch."""
-        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
-        batch_size = min(batch_size, -(-n // MIN_CHUNKS))
-        with self.progress(n, "img", what) as bar:
-            return run_chunks(n, batch_size, work, advance=bar.update, kept=self._kept, tag=tag,
-                              generator=generator, should_stop=self._should_stop)
+    # ---- what subclasses implement ---------------------------------------------------------
 
-    def progress(self, total: int, unit: str, what: str = "") -> tqdm:
-        """A live bar with an ETA over `total` units of this probe's work.
+    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
+        """The records of every selected image (`selected_images`): whole-set probes implement
+        it; a per-image probe takes them as one batch (use outside a Trainer: notebooks, tests)."""
+        if self.image_axes is None:
+            raise NotImplementedError
+        self.prepare(ctx)
+        records = self.run_batch(encoder, ctx, *self.selected_images(ctx))
+        if records.empty:
+            raise DataError(self.no_records())
+        return records
 
-        Lightning's test bar counts the test loop's batches, which end before any probe starts,
-        so a long probe would otherwise show nothing for minutes. Silent where the trainer's
-        bar is off (trainer.enable_progress_bar=false) and on every DDP rank but 0.
-        """
-        desc = f"{self.name} {what}".strip()
-        return tqdm(
-            total=total,
-            unit=unit,
-            desc=desc,
-            disable=not self.show_progress,
-            dynamic_ncols=True,
-            leave=True,
-        )
+    def run_batch(self, encoder: torch.nn.Module, ctx: ProbeContext, images: torch.Tensor,
+                  ids: np.ndarray) -> pd.DataFrame:
+        """Per-image probes: the records of one batch; arrays go to `ctx.store.save_array`."""
+        raise NotImplementedError
+
+    def prepare(self, ctx: ProbeContext) -> None:
+        """Work done once per run before the first batch (e.g. finding a transfer's sources)."""
+
+    def stale(self, store: RunStore) -> bool:
+        """Whether this probe's written records miss inputs that appeared since (new source runs
+        of a transfer): a stale probe is redone, also in a run that is complete."""
+        return False
+
+    def no_records(self) -> str:
+        """The message when no batch gave a record."""
+        return f"probe {self.name} produced no records"
+
+    def media(self) -> dict[str, dict[str, Any]]:
+        """Arrays of this run to render as pictures once it is written (array name -> options
+        of `brainrobust.analysis.gallery.run_media`). Probes compute and store; analysis draws."""
+        return {}
+
+    # ---- helpers for subclasses ------------------------------------------------------------
+
+    def progress(self, total: int, unit: str, what: str = "", leave: bool = True) -> tqdm:
+        """A live bar with an ETA over `total` units of this probe's work; silent where the
+        trainer's bar is off (trainer.enable_progress_bar=false) and on every DDP rank but 0."""
+        return tqdm(total=total, unit=unit, desc=f"{self.name} {what}".strip(),
+                    disable=not self.show_progress, dynamic_ncols=True, leave=leave)
 
     def bind(self, context: ProbeContext) -> None:
         unknown = sorted(set(self.rois or []) - set(context.rois))
@@ -214,123 +155,162 @@ class Probe(L.Callback):
         return len(ctx.image_ids) if self.max_images is None else min(self.max_images, len(ctx.image_ids))
 
     def selected_images(self, ctx: ProbeContext) -> tuple[torch.Tensor, np.ndarray]:
-        """This probe's test images (max_images, then this rank's shard), on ctx.device."""
-        start, stop = ctx.shard.bounds(self.n_selected(ctx))
-        return ctx.images[start:stop].to(ctx.device), ctx.image_ids[start:stop]
+        """This probe's test images (the first max_images), on ctx.device."""
+        n = self.n_selected(ctx)
+        return ctx.images[:n].to(ctx.device), ctx.image_ids[:n]
 
-    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        raise NotImplementedError
+    # ---- the Lightning hooks ---------------------------------------------------------------
 
-    def stale(self, store: RunStore) -> bool:
-        """Whether this probe's written records miss inputs that appeared since (new source runs
-        of a transfer): a stale probe is redone, also in a run that is complete."""
-        return False
-
-    def media(self) -> dict[str, dict[str, Any]]:
-        """Arrays of this run to render as pictures once it is written (array name -> options
-        of `brainrobust.analysis.gallery.run_media`). Probes compute and store; analysis draws."""
-        return {}
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ctx = self.context
         if ctx is None:
             raise RuntimeError(f"probe {self.name} was not bound to a context before trainer.test")
         # Every rank must take the same branch; rank 0's view of the store decides.
-        if trainer.strategy.broadcast(ctx.store.has_records(self.name) and not self.force
-                                      and not self.stale(ctx.store)):
+        self._skip = trainer.strategy.broadcast(ctx.store.has_records(self.name) and not self.force
+                                                and not self.stale(ctx.store))
+        if self._skip:
             log.info("probe %s: records exist in %s, skipped", self.name, ctx.store.dir)
             return
         if torch.is_inference_mode_enabled():
             raise RuntimeError("probes need gradients: build the Trainer with inference_mode=False")
         ctx.device = pl_module.device
         self.show_progress = trainer.progress_bar_callback is not None and trainer.is_global_zero
-        # Lightning's own SIGTERM handler (active during trainer.test) raises this flag.
-        self._should_stop = lambda: trainer.received_sigterm
-        pl_module.eval()
-        world, rank = trainer.world_size, trainer.global_rank
-        if world == 1:
-            self._write(trainer, ctx.store, self._run(pl_module, ctx))
+        # Kept batches are valid for one batching only: the folder names the ranks.
+        self._kept = ChunkStore(ctx.store.dir / PARTIAL / f"{self.name}-{trainer.world_size}ranks")
+        self._tags, self._waiting, self._reused, self._done = [], [], 0, 0
+        if self.image_axes is not None:
+            self.prepare(ctx)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._skip or self.image_axes is None:
             return
-        # Every rank ends each probe in the same exchange, which carries any rank's error to
-        # all: no rank is left waiting on one that failed.
-        with host_group() as group:
-            if self.image_axes is None:
-                error = None
-                if rank == 0:
-                    error = self._attempt(lambda: self._write(trainer, ctx.store, self._run(pl_module, ctx)))
-                failure = self._share(group, (0, first_line(error)) if error else None)
-            else:
-                error, failure = self._run_sharded(trainer, pl_module, ctx, Shard(rank, world), group)
-        if failure is not None:
-            if error is not None:
-                raise error
-            failed_rank, message = failure
-            raise BrainRobustError(f"probe {self.name} failed on rank {failed_rank}: {message}")
+        positions = batch[-1].cpu().numpy()
+        mine = positions < self.n_selected(self.context)
+        if not mine.any():
+            return
+        if not self.per_batch:
+            self._waiting.append(positions[mine])
+            return
+        self._process(trainer, pl_module, positions[mine], batch[0][torch.from_numpy(mine).to(batch[0].device)])
 
-    def _run(self, encoder: L.LightningModule, ctx: ProbeContext) -> pd.DataFrame:
-        self._kept = ChunkStore(ctx.store.dir / PARTIAL / f"{self.name}-{ctx.shard.rank}of{ctx.shard.world}")
-        # Lightning runs the test loop under no_grad; attacks and Jacobians need autograd.
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._skip or self.image_axes is None:
+            return
+        if self._waiting:
+            positions = np.concatenate(self._waiting)
+            self._process(trainer, pl_module, positions,
+                          self.context.images[torch.from_numpy(positions)].to(pl_module.device))
+        if self._reused:
+            log.info("%s: reused %d kept batches of an interrupted run", self.name, self._reused)
+        log.info("probe %s: rank %d of %d did %d images in %d batches", self.name,
+                 trainer.global_rank, trainer.world_size, self._done, len(self._tags))
+        self._kept.write_manifest(f"rank{trainer.global_rank}", self._tags)
+        trainer.strategy.barrier(f"probe {self.name}")
+        if trainer.is_global_zero:
+            self._merge_and_write(trainer.world_size)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._skip or self.image_axes is not None or not trainer.is_global_zero:
+            return
+        pl_module.eval()
         with torch.enable_grad():
-            return self.run(encoder, ctx)
+            records = self.run(pl_module, self.context)
+        self._write(records)
 
-    @staticmethod
-    def _attempt(work: Callable[[], None]) -> Exception | None:
-        try:
-            work()
-        except Exception as err:  # noqa: BLE001 - every kind is handed to all ranks, then re-raised
-            return err
-        return None
+    # ---- the machinery ---------------------------------------------------------------------
 
-    @staticmethod
-    def _share(group: dist.ProcessGroup, failure: tuple[int, str] | None) -> tuple[int, str] | None:
-        """Rank 0's outcome, on every rank."""
-        box = [failure]
-        dist.broadcast_object_list(box, src=0, group=group)
-        return box[0]
+    def _process(self, trainer: L.Trainer, encoder: L.LightningModule, positions: np.ndarray,
+                 images: torch.Tensor) -> None:
+        """One batch of this rank: reused when kept from an interrupted run, else computed."""
+        tag = f"rank{trainer.global_rank}-{positions[0]:08d}-{len(positions)}"
+        kept = self._kept.load(tag)
+        if kept is not None and np.array_equal(kept.positions, positions):
+            self._reused += 1
+        else:
+            # Lightning's own SIGTERM handler (active during trainer.test) raises this flag.
+            if trainer.received_sigterm:
+                raise Interrupted(f"stopped by a signal at test image {positions[0]} ({self.name}); "
+                                  "the finished batches are kept: rerun the same command to resume")
+            ctx = self.context
+            capture = ArrayCapture(ctx.store)
+            batch_ctx = replace(ctx, store=capture, stream=int(positions[0]))
+            encoder.eval()
+            # Lightning runs the test loop under no_grad; attacks and Jacobians need autograd.
+            with torch.enable_grad():
+                records = self.run_batch(encoder, batch_ctx, images, ctx.image_ids[positions])
+            self._kept.save(tag, Chunk(positions, records, capture.saved, capture.exact))
+        self._tags.append(tag)
+        self._done += len(positions)
 
-    def _run_sharded(self, trainer: L.Trainer, encoder: L.LightningModule, ctx: ProbeContext,
-                     shard: Shard, group: dist.ProcessGroup) -> tuple[Exception | None, tuple[int, str] | None]:
-        """Run this rank's shard, gather every shard on rank 0, merge and write there.
+    def _merge_and_write(self, world: int) -> None:
+        chunks = []
+        for rank in range(world):
+            tags = self._kept.read_manifest(f"rank{rank}")
+            if tags is None:
+                raise DataError(f"probe {self.name}: rank {rank} left no list of its batches in "
+                                f"{self._kept.folder} (is that folder shared by every rank?)")
+            for tag in tags:
+                chunk = self._kept.load(tag)
+                if chunk is None:
+                    raise DataError(f"probe {self.name}: kept batch {tag} of rank {rank} is missing "
+                                    f"from {self._kept.folder}")
+                chunks.append(chunk)
+        records, arrays, exact = merge_chunks(chunks, self.image_axes, self.context.image_ids)
+        if records.empty:
+            raise DataError(self.no_records())
+        for name, entries in arrays.items():
+            self.context.store.save_array(name, entries, exact=exact.get(name, ()))
+        self._write(records)
 
-        Returns this rank's own error and the first failure of any rank (None, None when all went well).
-        """
-        start, stop = shard.bounds(self.n_selected(ctx))
-        log.info("probe %s: rank %d of %d takes images [%d, %d)", self.name, shard.rank, shard.world,
-                 start, stop)
-        part = None
-        arrays = ShardArrays(ctx.store)
-
-        def work() -> None:
-            nonlocal part
-            part = (self._run(encoder, replace(ctx, shard=shard, store=arrays)), arrays.saved,
-                    arrays.exact)
-
-        # More ranks than images leaves some ranks without a shard.
-        error = self._attempt(work) if stop > start else None
-        parts = [None] * shard.world if shard.rank == 0 else None
-        dist.gather_object((part, first_line(error)), parts, dst=0, group=group)
-        failure = None
-        if shard.rank == 0:
-            failure = next(((r, msg) for r, (_, msg) in enumerate(parts) if msg), None)
-            if failure is None:
-                error = self._attempt(lambda: self._merge_and_write(trainer, ctx.store, parts))
-                failure = (0, first_line(error)) if error else None
-        return error, self._share(group, failure)
-
-    def _merge_and_write(self, trainer: L.Trainer, store: RunStore, parts: list) -> None:
-        # Each rank's part: (records, arrays, the arrays' exact entries), or None without images.
-        shards = [p for p, _ in parts if p is not None]
-        if not any(len(shard[0]) for shard in shards):
-            raise DataError(f"probe {self.name} produced no records on any rank")
-        records, arrays = merge_shards(shards, self.image_axes)
-        exact = {name: keys for shard in shards for name, keys in shard[2].items()}
-        for name, arr in arrays.items():
-            store.save_array(name, arr, exact=exact.get(name, ()))
-        self._write(trainer, store, records)
-
-    def _write(self, trainer: L.Trainer, store: RunStore, records: pd.DataFrame) -> None:
+    def _write(self, records: pd.DataFrame) -> None:
+        store = self.context.store
         path = store.write_records(self.name, records)
         log.info("probe %s: %d records -> %s", self.name, len(records), path)
-        # Every rank's kept chunks served their purpose once the records are written.
-        for kept in (store.dir / PARTIAL).glob(f"{self.name}-*of*"):
+        # Kept batches of any batching served their purpose once the records are written.
+        for kept in (store.dir / PARTIAL).glob(f"{self.name}-*ranks"):
             ChunkStore(kept).clear()
+
+
+def merge_chunks(chunks: list[Chunk], image_axes: dict[str, int], image_ids: np.ndarray,
+                 ) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]], dict[str, tuple[str, ...]]]:
+    """Batches of any ranks as one record set, as one process would have written it.
+
+    Each test image counts once (the distributed sampler repeats a few images to even out the
+    ranks): its first batch in test-split order holds it. Array entries named in `image_axes`
+    are concatenated along that axis in test-split order; every other entry must be the same in
+    every batch (e.g. the eps ladder), or the merge would silently drop data.
+    """
+    chunks = sorted(chunks, key=lambda c: int(c.positions.min()))
+    owner: dict[int, int] = {}
+    for i, chunk in enumerate(chunks):
+        for pos in chunk.positions.tolist():
+            owner.setdefault(pos, i)
+    frames = []
+    for i, chunk in enumerate(chunks):
+        own = [pos for pos in chunk.positions.tolist() if owner[pos] == i]
+        if len(chunk.records) and own:
+            frames.append(chunk.records[chunk.records["image_id"].isin(image_ids[own])])
+    records = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    positions = np.concatenate([c.positions for c in chunks]) if chunks else np.zeros(0, int)
+    _, first = np.unique(positions, return_index=True)  # test-split order, repeats dropped
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    exact: dict[str, tuple[str, ...]] = {}
+    for name in dict.fromkeys(n for c in chunks for n in c.arrays):
+        if any(name not in c.arrays for c in chunks):
+            raise RuntimeError(f"array {name} is missing from some batches; cannot merge it")
+        merged = {}
+        for key in chunks[0].arrays[name]:
+            values = [np.asarray(c.arrays[name][key]) for c in chunks]
+            if key in image_axes:
+                merged[key] = np.take(np.concatenate(values, axis=image_axes[key]), first,
+                                      axis=image_axes[key])
+            elif all(np.array_equal(values[0], v, equal_nan=v.dtype.kind == "f") for v in values[1:]):
+                merged[key] = values[0]
+            else:
+                raise RuntimeError(f"array {name}/{key} differs between batches but is not "
+                                   f"declared per image (image_axes); cannot merge it")
+        arrays[name] = merged
+        exact[name] = chunks[0].exact.get(name, ())
+    return records, arrays, exact
+

@@ -1,116 +1,130 @@
-"""A probe's work over its images, chunk by chunk: the unit of memory, progress and resumption.
+"""A per-image probe's finished batches on disk: the unit of resumption and of the DDP merge.
 
 A probe that runs for hours (the full test split, long attacks) must survive preemption: each
-finished chunk is kept in the run's folder with the state of the random generator after it, a
-SIGTERM stops the work at the next chunk boundary, and a rerun of the same run (same results
-key) takes the kept chunks and continues at the first missing one, giving the records an
-uninterrupted run gives. A chunk that runs out of GPU memory is redone at half the size.
+batch of the test loop a probe finished is kept in the run's folder, a SIGTERM stops the work at
+the next batch, and a rerun of the same run (same results key, same batching) takes the kept
+batches instead of recomputing them. Under DDP the same files carry each rank's share to rank 0,
+which merges them once every rank is done (`Probe.on_test_epoch_end`).
+
+Within a batch, `in_batches` splits the work to the probe's own batch size and halves it when a
+GPU runs out of memory.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
+import pandas as pd
 import torch
 
-from brainrobust.errors import BrainRobustError, Interrupted
-from brainrobust.files import atomic_path
+from brainrobust.errors import BrainRobustError
+from brainrobust.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
+@dataclass
+class Chunk:
+    """One finished batch of one probe: its test-split positions, records and arrays."""
+
+    positions: np.ndarray
+    records: pd.DataFrame
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    exact: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+class ArrayCapture:
+    """Stands in for the RunStore while a probe works on one batch: its arrays are held for the
+    merge. Reads (the run's directory, identity, other runs) pass through to the real store."""
+
+    def __init__(self, store):
+        self._store = store
+        self.saved: dict[str, dict[str, np.ndarray]] = {}
+        self.exact: dict[str, tuple[str, ...]] = {}
+
+    def save_array(self, name: str, arr: np.ndarray | Mapping[str, np.ndarray],
+                   exact: Collection[str] = ()) -> None:
+        self.saved[name] = dict(arr) if isinstance(arr, Mapping) else {"data": arr}
+        self.exact[name] = tuple(exact)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._store, attr)
+
+
 class ChunkStore:
-    """Finished chunks of one probe (and DDP rank) of one run, until its records are written."""
+    """The kept batches of one probe of one run, until its records are written."""
 
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def _path(self, tag: str, start: int) -> Path:
-        return self.folder / f"{tag}-{start:08d}.npz"
+    def _path(self, tag: str) -> Path:
+        return self.folder / f"{tag}.npz"
 
-    def load(self, tag: str, start: int) -> tuple[int, Any, torch.Tensor | None] | None:
-        """(stop, result, generator state after the chunk) of the chunk kept at `start`."""
-        path = self._path(tag, start)
+    def save(self, tag: str, chunk: Chunk) -> None:
+        arrays = {f"a/{name}/{key}": np.asarray(value)
+                  for name, entries in chunk.arrays.items() for key, value in entries.items()}
+        buf = io.BytesIO()
+        chunk.records.to_parquet(buf, index=False)
+        arrays["__records__"] = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+        arrays["__positions__"] = np.asarray(chunk.positions, dtype=np.int64)
+        arrays["__exact__"] = np.array(json.dumps({k: list(v) for k, v in chunk.exact.items()}))
+        with atomic_path(self._path(tag)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    def load(self, tag: str) -> Chunk | None:
+        path = self._path(tag)
         if not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+                stored = {k: npz[k] for k in npz.files}
+            records = pd.read_parquet(io.BytesIO(stored.pop("__records__").tobytes()))
         except (OSError, ValueError) as err:
-            log.warning("kept chunk %s is unreadable (%s); redoing it", path, err)
+            log.warning("kept batch %s is unreadable (%s); redoing it", path, err)
             return None
-        head = json.loads(str(arrays.pop("__head__")))
-        state = arrays.pop("__generator__", None)
-        return head["stop"], _unpack(head["tree"], arrays), (
-            None if state is None else torch.from_numpy(state))
+        chunk = Chunk(stored.pop("__positions__"), records,
+                      exact={k: tuple(v) for k, v in json.loads(str(stored.pop("__exact__"))).items()})
+        for entry, value in stored.items():
+            _, name, key = entry.split("/", 2)
+            chunk.arrays.setdefault(name, {})[key] = value
+        return chunk
 
-    def save(self, tag: str, start: int, stop: int, result: Any,
-             generator: torch.Generator | None) -> None:
-        arrays: dict[str, np.ndarray] = {}
-        tree = _pack(result, arrays)
-        arrays["__head__"] = np.array(json.dumps({"stop": stop, "tree": tree}))
-        if generator is not None:
-            arrays["__generator__"] = generator.get_state().cpu().numpy()
-        with atomic_path(self._path(tag, start)) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+    def write_manifest(self, name: str, tags: list[str]) -> None:
+        write_json(self.folder / f"{name}.json", tags)
+
+    def read_manifest(self, name: str) -> list[str] | None:
+        path = self.folder / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def run_chunks(
-    n: int,
-    batch_size: int,
-    work: Callable[[int, int], T],
-    advance: Callable[[int], Any] | None = None,
-    kept: ChunkStore | None = None,
-    tag: str = "",
-    generator: torch.Generator | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> list[T]:
-    """`work(start, stop)` over [0, n) in chunks of `batch_size`.
-
-    With `kept`, finished chunks are saved and reused, and `generator` (the one `work` draws
-    from) is restored to its state after the last reused chunk. `should_stop()` is asked before
-    each new chunk; when it says yes the work ends with `Interrupted`. Only the random draws
-    (random starts, control noise) follow the chunking: rerun with the logged batch size to
-    reproduce them bit for bit. `advance(n_done)` follows each chunk (a progress bar).
-    """
-    out, start, reused_chunks = [], 0, 0
+def in_batches(n: int, batch_size: int, work: Callable[[int, int], T],
+               advance: Callable[[int], object] | None = None) -> list[T]:
+    """`work(start, stop)` over [0, n) in batches of `batch_size`; a batch that runs out of GPU
+    memory is redone at half the size. `advance(n_done)` follows each batch (a progress bar)."""
+    out, start = [], 0
     while start < n:
-        reused = kept.load(tag, start) if kept is not None else None
-        if reused is not None:
-            stop, result, state = reused
-            if state is not None and generator is not None:
-                generator.set_state(state.to(generator.get_state().device))
-            out.append(result)
-            reused_chunks += 1
-        else:
-            if should_stop is not None and should_stop():
-                raise Interrupted(f"stopped by a signal at image {start} of {n} ({tag}); the "
-                                  "finished chunks are kept: rerun the same command to resume")
-            stop = min(n, start + batch_size)
-            try:
-                result = work(start, stop)
-            except torch.cuda.OutOfMemoryError:
-                batch_size = _halve(batch_size)
-                continue
-            if kept is not None:
-                kept.save(tag, start, stop, result, generator)
-            out.append(result)
+        stop = min(n, start + batch_size)
+        try:
+            out.append(work(start, stop))
+        except torch.cuda.OutOfMemoryError:
+            batch_size = _halve(batch_size)
+            continue
         if advance is not None:
             advance(stop - start)
         start = stop
-    if reused_chunks:
-        log.info("%s: reused %d kept chunks of an interrupted run", tag, reused_chunks)
     return out
 
 
@@ -122,25 +136,3 @@ def _halve(batch_size: int) -> int:
     torch.cuda.empty_cache()
     log.warning("out of GPU memory: batch size lowered to %d", batch_size // 2)
     return batch_size // 2
-
-
-def _pack(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """A JSON description of a tree of dicts, tuples and lists over numpy arrays, whose leaves
-    are stored in `arrays` under numbered keys."""
-    if isinstance(obj, dict):
-        return {"dict": {str(k): _pack(v, arrays) for k, v in obj.items()}}
-    if isinstance(obj, (tuple, list)):
-        return {type(obj).__name__: [_pack(v, arrays) for v in obj]}
-    key = f"a{len(arrays)}"
-    arrays[key] = np.asarray(obj)
-    return {"array": key}
-
-
-def _unpack(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
-    (kind, body), = tree.items()
-    if kind == "dict":
-        return {k: _unpack(v, arrays) for k, v in body.items()}
-    if kind in ("tuple", "list"):
-        items = [_unpack(v, arrays) for v in body]
-        return tuple(items) if kind == "tuple" else items
-    return arrays[body]

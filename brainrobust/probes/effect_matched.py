@@ -99,8 +99,8 @@ class EffectMatchedProbe(Probe):
                             f"use probe.effect_matched.effect.kind=absolute")
         return target
 
-    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        images, ids = self.selected_images(ctx)
+    def run_batch(self, encoder: torch.nn.Module, ctx: ProbeContext, images: torch.Tensor,
+                  ids: np.ndarray) -> pd.DataFrame:
         generator = ctx.generator()
         frames = []
         for roi in self.selected_rois():

@@ -28,6 +28,7 @@ from brainrobust.probes.attack import (
     validate_eps,
 )
 from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.probes.chunks import in_batches
 from brainrobust.probes.objectives import OBJECTIVES, make_objective
 from brainrobust.units import format_eps
 
@@ -71,8 +72,8 @@ class SensitivityProbe(Probe):
         self.batch_size = batch_size
         self.save_perturbations = save_perturbations
 
-    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        images, ids = self.selected_images(ctx)
+    def run_batch(self, encoder: torch.nn.Module, ctx: ProbeContext, images: torch.Tensor,
+                  ids: np.ndarray) -> pd.DataFrame:
         generator = ctx.generator()
         frames = []
         for roi in self.selected_rois():
@@ -100,11 +101,13 @@ class SensitivityProbe(Probe):
 
     def _attack_roi(self, encoder, roi: str, images: torch.Tensor,
                     generator: torch.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        chunks = self.chunked(
-            len(images), self.batch_size,
-            lambda start, stop: self._attack_chunk(encoder, roi, images[start:stop], start, generator),
-            what=f"{roi} {self.attack.norm} eps {format_eps(float(self.eps.min()), self.attack.norm)}"
-                 f"..{format_eps(float(self.eps.max()), self.attack.norm)}", generator=generator)
+        what = (f"{roi} {self.attack.norm} eps {format_eps(float(self.eps.min()), self.attack.norm)}"
+                f"..{format_eps(float(self.eps.max()), self.attack.norm)}")
+        with self.progress(len(images), "img", what, leave=False) as bar:
+            chunks = in_batches(
+                len(images), self.batch_size,
+                lambda start, stop: self._attack_chunk(encoder, roi, images[start:stop], start, generator),
+                advance=bar.update)
         columns = {k: np.concatenate([c[0][k] for c in chunks]) for k in chunks[0][0]}
         columns["steps_used"] = columns["steps_used"].astype(np.float64)
         return columns, np.concatenate([c[1] for c in chunks], axis=1)

@@ -125,8 +125,8 @@ class SubspaceProbe(Probe):
                 )
         return targets
 
-    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
-        images, ids = self.selected_images(ctx)
+    def run_batch(self, encoder: torch.nn.Module, ctx: ProbeContext, images: torch.Tensor,
+                  ids: np.ndarray) -> pd.DataFrame:
         generator = ctx.generator()
         frames = []
         for name, (idx, size) in self.targets(encoder).items():
@@ -136,7 +136,7 @@ class SubspaceProbe(Probe):
                     size, images[0].numel(), self.k, self.oversample, self.max_iters
                 )
             arrays = self.subspaces(encoder, idx, images, method, generator)
-            # Everything stored is per image, so DDP shards merge along image_axes.
+            # Everything stored is per image, so batches merge along image_axes.
             stored = {key: arrays[key] for key in self.image_axes if key != "image_id"}
             ctx.store.save_array(f"subspace_{name}", stored | {"image_id": ids})
             frames.append(self.records(arrays, ids, name, size).assign(method=method))

@@ -63,6 +63,8 @@ KINDS = {
 class TransferProbe(Probe):
     name = "transfer"
     image_axes: ClassVar[dict[str, int]] = {}
+    # Reading the sources' perturbations dominates: each rank reads them once, for all its images.
+    per_batch: ClassVar[bool] = False
     settings: ClassVar[tuple[str, ...]] = (
         "kind",
         "source_roi",
@@ -102,12 +104,12 @@ class TransferProbe(Probe):
         self.batch_size = batch_size
         self.results_dir = results_dir
 
-    def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
+    def run_batch(self, encoder: torch.nn.Module, ctx: ProbeContext, images: torch.Tensor,
+                  ids: np.ndarray) -> pd.DataFrame:
         # The store root holding this run: <root>/runs/<key>.
         root = Path(self.results_dir) if self.results_dir else ctx.store.dir.parent.parent
-        images, ids = self.selected_images(ctx)
-        # Under DDP `ids` is this rank's shard; whether a source shares images at all is a
-        # question about the whole selection, answered the same on every rank.
+        # `ids` are this rank's images; whether a source shares images at all is a question
+        # about the whole selection, answered the same on every rank.
         all_ids = ctx.image_ids[: self.n_selected(ctx)]
         stimuli = _stimulus_signature(ctx.store.identity)
         generator = ctx.generator(offset=1)
@@ -124,19 +126,20 @@ class TransferProbe(Probe):
                     frame["target_subject"] = ctx.meta.get("subject")
                     frames.append(frame)
         # Every source weighed, applied or not (no shared image): what `stale` compares against.
-        # Saved on every DDP shard alike, before a shard without records returns.
+        # Saved by every rank alike, also by one whose images no source shares.
         pairs = sorted(set(considered))
         ctx.store.save_array(SOURCES_ARRAY, {"source_roi": np.array([r for r, _ in pairs], dtype=str),
                                              "source_run": np.array([k for _, k in pairs], dtype=str)})
         if not frames:
-            if ctx.shard.world > 1:
-                return pd.DataFrame()
-            raise DataError("no stored perturbation of the chosen sources applies to this run's test "
-                            "images (effect-matched sources whose images never reached the effect?)")
+            return pd.DataFrame()
         records = pd.concat(frames, ignore_index=True)
         records["kind"] = self.kind
         records["norm_type"] = self.norm
         return records
+
+    def no_records(self) -> str:
+        return ("no stored perturbation of the chosen sources applies to this run's test images "
+                "(effect-matched sources whose images never reached the effect?)")
 
     def stale(self, store: RunStore) -> bool:
         """True where the store has gained source runs since this run's transfer was computed."""
@@ -266,7 +269,7 @@ class TransferProbe(Probe):
     def _apply(self, encoder: torch.nn.Module, roi: str, delta: np.ndarray, pairs: pd.DataFrame,
                images: torch.Tensor, generator: torch.Generator) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
-        bar = self.progress(len(pairs), "img", roi)
+        bar = self.progress(len(pairs), "img", roi, leave=False)
         slot, src_pos, tgt_pos = (pairs[c].to_numpy() for c in ("slot", "src_pos", "tgt_pos"))
         source_change = torch.tensor(pairs.source_change.to_numpy(), dtype=torch.float64)
         for start in range(0, len(pairs), self.batch_size):
