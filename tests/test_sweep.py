@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def sweep(tmp_path, synthetic_root, monkeypatch):
     root, _ = synthetic_root
     calls = {"backbone": 0, "probe": 0}
-    real_predict, real_probe = features_mod._predict, SensitivityProbe.run
+    real_predict, real_probe = features_mod._predict, SensitivityProbe.run_batch
 
     def predict(*args, **kwargs):
         calls["backbone"] += 1
@@ -35,7 +35,7 @@ def sweep(tmp_path, synthetic_root, monkeypatch):
         return real_probe(self, *args, **kwargs)
 
     monkeypatch.setattr(features_mod, "_predict", predict)
-    monkeypatch.setattr(SensitivityProbe, "run", probe)
+    monkeypatch.setattr(SensitivityProbe, "run_batch", probe)
 
     def _run_all():
         stores = []
@@ -51,7 +51,8 @@ def sweep(tmp_path, synthetic_root, monkeypatch):
 def test_grid_runs_each_backbone_pass_once_and_resumes(sweep):
     run_all, calls, results = sweep
     stores = run_all()
-    # One feature pass per (model, subject training set); every job runs its probe once.
+    # One feature pass per (model, subject training set); every job runs its probe on its one
+    # test-loop batch (2 images).
     assert calls == {"backbone": 4, "probe": 4}
     assert load(results, probe="sensitivity").run_key.nunique() == 4
 
