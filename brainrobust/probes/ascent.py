@@ -17,14 +17,13 @@ per-sample `torch.where`: the loop never waits for the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from brainrobust.errors import ConfigError
+from brainrobust.probes.attack_config import AttackRuntime, Objective, PGDConfig
 from brainrobust.probes.geometry import (
     TINY,
     constrain,
@@ -32,11 +31,6 @@ from brainrobust.probes.geometry import (
     random_start,
     unit_direction,
 )
-
-if TYPE_CHECKING:
-    from brainrobust.probes.attack import AttackRuntime, PGDConfig
-
-Objective = Callable[[Tensor], Tensor]
 
 # Croce & Hein's published constants: weight of the previous displacement (1 - alpha), the
 # fraction of rising steps below which a checkpoint halves, and the checkpoint spacing.
@@ -210,7 +204,6 @@ def apgd_checkpoints(steps: int) -> list[int]:
 
 
 STEP_RULES = {"pgd": _ConstantStep, "apgd": _AutoStep}
-METHODS = tuple(STEP_RULES)
 
 
 def check_objective(objective: Tensor, n: int) -> None:

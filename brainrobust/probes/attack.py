@@ -6,8 +6,8 @@ Two methods share one step loop (`ascent.py`): PGD (fixed step) and Auto-PGD (Cr
 momentum, per-sample step halving at checkpoints, restart from the best point), the default
 attack (`conf/attack/apgd.yaml`). Every sample carries its own budget eps_i, so a whole eps ladder
 runs as ONE batch (repeat the images with `expand_ladder`). The step loop never synchronises with
-the host: the best iterate per sample is kept with `torch.where`, and a Python branch never
-depends on data (the optional early stop is the one exception, documented on `PGDConfig`).
+the host: the best iterate per sample is kept with `torch.where`, and no Python branch depends
+on data. The settings live in `attack_config.py`.
 Samples are independent because the encoder is in eval mode, so the gradient of
 `objective.sum()` is every sample's own gradient. Each result carries a convergence report per
 sample: the gain over the last steps, the spread across restarts and a flag.
@@ -15,9 +15,8 @@ sample: the gain over the last steps, the spread across restarts and a flag.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,14 @@ import torch
 from torch import Tensor
 
 from brainrobust.errors import BrainRobustError, ConfigError
-from brainrobust.probes.ascent import METHODS, Ascent, ascend
+from brainrobust.probes.ascent import Ascent, ascend
+from brainrobust.probes.attack_config import (
+    AMP_DTYPES,
+    METHODS,
+    AttackRuntime,
+    Objective,
+    PGDConfig,
+)
 from brainrobust.probes.geometry import (
     NORMS,
     TINY,
@@ -52,126 +58,8 @@ __all__ = [
     "validate_eps",
 ]
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16}
-# Each method's step when none is configured, relative to eps: Madry's 2.5 / 20 for PGD, Croce &
-# Hein's 2 for Auto-PGD (which halves it where it is too long).
-DEFAULT_STEP_SIZE = {"pgd": 2.5 / 20, "apgd": 2.0}
-
 # Bisection steps on log(scale) in random_perturbation: 2**-50 relative width is far below 1e-4.
 _BISECT_STEPS = 50
-
-Objective = Callable[[Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class PGDConfig:
-    """How the attack searches; the budget (eps) is passed per call.
-
-    Parameters
-    ----------
-    method : "pgd" (fixed step) or "apgd" (Auto-PGD: momentum, step halving at checkpoints,
-        restart from the best point; the configured default, `conf/attack/apgd.yaml`).
-    norm : "l2" or "linf".
-    steps : gradient steps per restart (>= 1).
-    step_size : step length relative to eps (step = step_size * eps); Auto-PGD's first step, which
-        it halves where progress stalls. None: the method's default (`DEFAULT_STEP_SIZE`: PGD
-        0.125 = 2.5 / 20, the Madry convention; Auto-PGD 2).
-    random_start : start each restart at a random point of the ball (L2: Gaussian direction,
-        radius uniform in [0, eps]; L-inf: uniform in the cube) instead of at delta = 0.
-    restarts : independent runs; the best per sample is kept. > 1 needs random_start.
-    clamp : keep x + delta in [0, 1].
-    conv_window : the last fraction of the steps over which `conv_gain` is measured.
-    conv_gain_max, conv_spread_max : a result counts as converged when its best objective grew by
-        at most conv_gain_max (relative) over the last conv_window of the steps, and the restarts'
-        best values lie within conv_spread_max (relative) of each other (with one restart there
-        is no spread to judge: NaN, not counted against it). They judge, never change, the result.
-    """
-
-    method: str = "pgd"
-    norm: str = "l2"
-    steps: int = 20
-    step_size: float | None = None
-    random_start: bool = True
-    restarts: int = 1
-    clamp: bool = True
-    conv_window: float = 0.25
-    conv_gain_max: float = 0.003
-    conv_spread_max: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"attack.method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.norm not in NORMS:
-            raise ConfigError(f"attack.norm must be one of {list(NORMS)}, got {self.norm!r}")
-        _check_int("attack.steps", self.steps, 1)
-        _check_int("attack.restarts", self.restarts, 1)
-        if self.step_size is None:
-            object.__setattr__(self, "step_size", DEFAULT_STEP_SIZE[self.method])
-        if not _is_real(self.step_size) or not self.step_size > 0 or math.isinf(self.step_size):
-            raise ConfigError(
-                f"attack.step_size must be a finite number > 0 (relative to eps), "
-                f"got {self.step_size!r}"
-            )
-        for name in ("conv_gain_max", "conv_spread_max"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0 <= value < math.inf:
-                raise ConfigError(f"attack.{name} must be a finite number >= 0, got {value!r}")
-        if not _is_real(self.conv_window) or not 0 < self.conv_window <= 1:
-            raise ConfigError(
-                f"attack.conv_window must be a fraction of the steps in (0, 1], "
-                f"got {self.conv_window!r}"
-            )
-        if self.restarts > 1 and not self.random_start:
-            raise ConfigError(f"attack.restarts={self.restarts} needs attack.random_start=true "
-                              f"(restarts from delta = 0 are all the same run)")
-
-
-@dataclass(frozen=True)
-class AttackRuntime:
-    """Speed switches; they change how fast PGD runs, never what it may return.
-
-    They pay on CUDA (see benchmarks/bench_attack.py). On the 2-core CPU sandbox none of them
-    did: oneDNN's fp32 convolutions are most of each step, bf16 without AMX is slower, and
-    inductor's CPU code for the backward pass was 2x slower than eager.
-
-    Parameters
-    ----------
-    amp_dtype : None or "bfloat16": autocast the objective (forward and backward).
-        Steps, projections and norms stay in the images' dtype (fp32), and the reported objective
-        of the returned delta is re-evaluated without autocast, so a half-precision rounding
-        never reaches the records or the budget guarantee. It can still steer the search: bf16
-        keeps about 3 significant digits of each response, so when the sought change is below
-        about 1% of the response (tiny eps) the steps and the best-iterate choice get noisy,
-        most of all for "pattern", whose gradient direction is the change itself.
-    channels_last : run on channels_last images (convert the encoder too, with
-        `encoder.to(memory_format=torch.channels_last)`, for the full gain).
-    compile : wrap the objective in `torch.compile`. The first call compiles (tens of seconds);
-        later calls with objectives of the same code and shapes reuse the compiled graphs.
-    """
-
-    amp_dtype: str | None = None
-    channels_last: bool = False
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
-            raise ConfigError(f"attack runtime amp_dtype must be null or one of "
-                              f"{list(AMP_DTYPES)}, got {self.amp_dtype!r}")
-
-    @classmethod
-    def auto(cls, device: torch.device | str, compile: bool = False) -> AttackRuntime:
-        """bf16 autocast + channels_last on a CUDA device with bf16, plain fp32 elsewhere."""
-        device = torch.device(device)
-        fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return cls(amp_dtype="bfloat16" if fast else None, channels_last=fast, compile=compile)
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[self.amp_dtype])
-
-    def wrap(self, objective_fn: Objective) -> Objective:
-        return torch.compile(objective_fn) if self.compile else objective_fn
 
 
 @dataclass
@@ -410,12 +298,3 @@ def _per_sample_eps(eps: float | Tensor, x: Tensor) -> Tensor:
         raise ConfigError(f"eps must be one number or one per image ({n}), "
                           f"got {values.numel()} values")
     return values.to(device=x.device, dtype=x.dtype)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
