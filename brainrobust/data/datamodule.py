@@ -42,8 +42,8 @@ class BrainDataModule(L.LightningDataModule):
         super().__init__()
         if layout not in LOADERS:
             raise ConfigError(f"unknown data.layout {layout!r}; valid: {sorted(LOADERS)}")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
         self.root = Path(root)
         self.subject = int(subject)
         self.roi_specs = list(rois.values()) if isinstance(rois, Mapping) else list(rois)
