@@ -249,3 +249,10 @@ def test_per_image_probes_work_on_the_test_loops_batches(make_cfg, monkeypatch):
     ids = store.load_array("perturbations_FFA_l2")["image_id"]
     assert len(ids) == 10 and set(ids) == set(store.read_records("sensitivity").image_id)
     assert store.load_array("perturbations_FFA_l2")["delta"].shape[1] == 10 and not (store.dir / "partial" / "sensitivity-1ranks").exists()
+
+
+def test_a_test_loop_cut_short_is_refused_not_merged(make_cfg):
+    from brainrobust.errors import DataError
+
+    with pytest.raises(DataError, match="handed over 2 of its 6 images"):
+        run(make_cfg("+trainer.limit_test_batches=1", "data.batch_size=2"))

@@ -256,6 +256,11 @@ class Probe(L.Callback):
                     raise DataError(f"probe {self.name}: kept batch {tag} of rank {rank} is missing "
                                     f"from {self._kept.folder}")
                 chunks.append(chunk)
+        covered = len(np.unique(np.concatenate([c.positions for c in chunks]))) if chunks else 0
+        if covered != self.n_selected(self.context):
+            raise DataError(f"probe {self.name}: the test loop handed over {covered} of its "
+                            f"{self.n_selected(self.context)} images (trainer.limit_test_batches?); "
+                            "remove the limit or set the probe's max_images")
         records, arrays, exact = merge_chunks(chunks, self.image_axes, self.context.image_ids)
         if records.empty:
             raise DataError(self.no_records())
