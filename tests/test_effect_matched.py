@@ -156,8 +156,10 @@ def test_every_roi_gets_its_own_target(tmp_path):
     ({"kind": "absolute", "value": float("nan")}, {}, "effect.value"),
     ({"kind": "absolute", "value": "big"}, {}, "effect.value"),
     ({"kind": "absolute"}, {}, "effect must be"),
-    ({"kind": "absolute", "value": 1.0}, {"eps_min": 1.0, "eps_max": 0.5}, "eps_min < eps_max"),
+    ({"kind": "absolute", "value": 1.0}, {"eps_min": 1.0, "eps_max": 0.5}, "eps_max must be a finite number > 1"),
     ({"kind": "absolute", "value": 1.0}, {"growth": 1.0}, "growth"),
+    ({"kind": "absolute", "value": 1.0}, {"growth": float("nan")}, "growth must be a finite number > 1"),
+    ({"kind": "absolute", "value": 1.0}, {"batch_size": True}, "batch_size must be an integer >= 1"),
     ({"kind": "absolute", "value": 1.0}, {"rel_tol": 0.0}, "rel_tol"),
 ])
 def test_bad_settings_are_config_errors(effect, kw, match):

@@ -23,6 +23,9 @@ rank 0 writes to the results store.
 from __future__ import annotations
 
 import logging
+import math
+import operator
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -84,8 +87,8 @@ class Probe(L.Callback):
 
     def __init__(self, rois: list[str] | None = None, max_images: int | None = None,
                  force: bool = False):
-        if max_images is not None and max_images < 1:
-            raise ConfigError(f"probe {self.name}: max_images must be >= 1 or null, got {max_images}")
+        if max_images is not None:
+            self.check(integers={"max_images": (max_images, 1)})
         self.rois = list(rois) if rois else None
         self.max_images = max_images
         self.force = force
@@ -139,6 +142,33 @@ class Probe(L.Callback):
         trainer's bar is off (trainer.enable_progress_bar=false) and on every DDP rank but 0."""
         return tqdm(total=total, unit=unit, desc=f"{self.name} {what}".strip(),
                     disable=not self.show_progress, dynamic_ncols=True, leave=leave)
+
+    def check(self, *, integers: Mapping[str, tuple[Any, int]] | None = None,
+              above: Mapping[str, tuple[Any, float]] | None = None,
+              at_least: Mapping[str, tuple[Any, float]] | None = None,
+              below: Mapping[str, tuple[Any, float]] | None = None,
+              choices: Mapping[str, tuple[Any, Collection]] | None = None) -> None:
+        """The one schema for a probe's settings, checked where the probe is built: integers at
+        least a minimum, finite numbers above / at least / below a bound, one of some choices.
+        A bad value is one line naming its key (`probe.<name>.<key> ...`)."""
+        def fail(key: str, want: str, value: Any) -> None:
+            raise ConfigError(f"probe.{self.name}.{key} must be {want}, got {value!r}")
+
+        def number(value: Any) -> bool:
+            return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value))
+
+        for key, (value, low) in (integers or {}).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(key, f"an integer >= {low}", value)
+        for rules, relation, holds in ((above, ">", operator.gt), (at_least, ">=", operator.ge),
+                                       (below, "<", operator.lt)):
+            for key, (value, bound) in (rules or {}).items():
+                if not (number(value) and holds(value, bound)):
+                    fail(key, f"a finite number {relation} {bound:g}", value)
+        for key, (value, options) in (choices or {}).items():
+            if value not in options:
+                fail(key, f"one of {sorted(options)}", value)
 
     def bind(self, context: ProbeContext) -> None:
         unknown = sorted(set(self.rois or []) - set(context.rois))

@@ -67,14 +67,10 @@ class EffectMatchedProbe(Probe):
         super().__init__(rois=rois, max_images=max_images, force=force)
         self.attack = pgd_config(attack)
         self.effect_kind, self.effect_value = _parse_effect(effect)
-        if not (_positive(eps_min) and _positive(eps_max) and eps_max > eps_min):
-            raise ConfigError(f"effect_matched needs 0 < eps_min < eps_max, got {eps_min}, {eps_max}")
-        if not (_positive(growth) and growth > 1):
-            raise ConfigError(f"effect_matched.growth must be > 1, got {growth}")
-        if not (_positive(rel_tol) and rel_tol < 1):
-            raise ConfigError(f"effect_matched.rel_tol must be in (0, 1), got {rel_tol}")
-        if batch_size < 1:
-            raise ConfigError(f"effect_matched.batch_size must be >= 1, got {batch_size}")
+        self.check(integers={"batch_size": (batch_size, 1)},
+                   above={"eps_min": (eps_min, 0), "growth": (growth, 1), "rel_tol": (rel_tol, 0)},
+                   below={"rel_tol": (rel_tol, 1)})
+        self.check(above={"eps_max": (eps_max, eps_min)})
         self.eps_min, self.eps_max = float(eps_min), float(eps_max)
         self.growth, self.rel_tol = float(growth), float(rel_tol)
         self.batch_size = batch_size

@@ -151,8 +151,7 @@ class InSilicoProbe(Probe):
         if missing:
             raise ConfigError(f"insilico.run lacks {missing}; conf/probe/insilico.yaml sets them "
                               "to this run's ${data}, ${model}, ${readout}, ${paths}, ${seed}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"insilico.batch_size must be an integer >= 1, got {batch_size!r}")
+        self.check(integers={"batch_size": (batch_size, 1)})
         self.batch_size = batch_size
 
     # ---- stimuli ---------------------------------------------------------------------------

@@ -240,17 +240,9 @@ class MEIProbe(Probe):
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
         self.start = None if start == "noise" else ImageSelection.parse(start, "mei.start")
-        for key, value, low in (
-            ("seeds", seeds, 1),
-            ("steps", steps, 1),
-            ("batch_size", batch_size, 1),
-        ):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"mei.{key} must be an integer >= {low}, got {value!r}")
-        if not lr > 0:
-            raise ConfigError(f"mei.lr must be > 0, got {lr}")
-        if diversity < 0 or decay_power < 0:
-            raise ConfigError("mei.diversity and mei.decay_power must be >= 0")
+        self.check(integers={"seeds": (seeds, 1), "steps": (steps, 1), "batch_size": (batch_size, 1)},
+                   above={"lr": (lr, 0)},
+                   at_least={"diversity": (diversity, 0), "decay_power": (decay_power, 0)})
         t = dict(transforms or {})
         unknown = sorted(set(t) - {"jitter", "scale", "rotate"})
         if unknown:

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brainrobust.errors import ConfigError
 from brainrobust.probes.attack import (
     AttackRuntime,
     PGDConfig,
@@ -61,12 +60,8 @@ class SensitivityProbe(Probe):
         self.compile = compile
         self.amp = amp
         self.eps = validate_eps(eps)
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {objective!r}; valid: {sorted(OBJECTIVES)}")
-        if random_draws < 1:
-            raise ConfigError(f"sensitivity.random_draws must be >= 1, got {random_draws}")
-        if batch_size < 1:
-            raise ConfigError(f"sensitivity.batch_size must be >= 1, got {batch_size}")
+        self.check(integers={"random_draws": (random_draws, 1), "batch_size": (batch_size, 1)},
+                   choices={"objective": (objective, OBJECTIVES)})
         self.objective = objective
         self.random_draws = random_draws
         self.batch_size = batch_size

@@ -88,20 +88,11 @@ class SubspaceProbe(Probe):
         force: bool = False,
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
-        checks = [
-            (k >= 1, f"k must be >= 1, got {k}"),
-            (oversample >= 0, f"oversample must be >= 0, got {oversample}"),
-            (max_iters >= 1, f"max_iters must be >= 1, got {max_iters}"),
-            (tol > 0, f"tol must be > 0, got {tol}"),
-            (method in METHODS, f"method must be one of {METHODS}, got {method!r}"),
-            (voxels in VOXELS, f"voxels must be one of {VOXELS}, got {voxels!r}"),
-            (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
-            (chunk >= 1, f"chunk must be >= 1, got {chunk}"),
-            (jvp_mode in JVP_MODES, f"jvp_mode must be one of {JVP_MODES}, got {jvp_mode!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"probe.subspace.{message}")
+        self.check(integers={"k": (k, 1), "oversample": (oversample, 0), "max_iters": (max_iters, 1),
+                             "batch_size": (batch_size, 1), "chunk": (chunk, 1)},
+                   above={"tol": (tol, 0)},
+                   choices={"method": (method, METHODS), "voxels": (voxels, VOXELS),
+                            "jvp_mode": (jvp_mode, JVP_MODES)})
         self.k, self.oversample, self.method = k, oversample, method
         self.max_iters, self.tol = max_iters, tol
         self.voxels, self.batch_size = voxels, batch_size

@@ -83,8 +83,8 @@ class TargetedProbe(Probe):
     ):
         hold = dict(hold or {})
         super().__init__(rois=[roi, *hold], max_images=max_images, force=force)
-        if direction not in DIRECTIONS:
-            raise ConfigError(f"targeted.direction must be one of {DIRECTIONS}, got {direction!r}")
+        self.check(integers={"batch_size": (batch_size, 1)}, above={"fps": (fps, 0)},
+                   choices={"direction": (direction, DIRECTIONS)})
         if roi in hold:
             raise ConfigError(f"targeted.hold names the driven ROI {roi!r}; hold only other ROIs")
         bad = {
@@ -94,10 +94,6 @@ class TargetedProbe(Probe):
         }
         if bad:
             raise ConfigError(f"targeted.hold weights must be numbers >= 0, got {bad}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"targeted.batch_size must be an integer >= 1, got {batch_size!r}")
-        if not fps > 0:
-            raise ConfigError(f"targeted.fps must be > 0, got {fps}")
         self.roi = roi
         self.direction = direction
         self.eps = validate_schedule(eps_schedule)

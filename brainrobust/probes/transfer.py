@@ -89,14 +89,8 @@ class TransferProbe(Probe):
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
         self.selectors = _parse_sources(sources)
-        if kind not in KINDS:
-            raise ConfigError(f"transfer.kind must be one of {sorted(KINDS)}, got {kind!r}")
-        if norm not in NORMS:
-            raise ConfigError(f"transfer.norm must be one of {list(NORMS)}, got {norm!r}")
-        if random_draws < 1:
-            raise ConfigError(f"transfer.random_draws must be >= 1, got {random_draws}")
-        if batch_size < 1:
-            raise ConfigError(f"transfer.batch_size must be >= 1, got {batch_size}")
+        self.check(integers={"random_draws": (random_draws, 1), "batch_size": (batch_size, 1)},
+                   choices={"kind": (kind, KINDS), "norm": (norm, NORMS)})
         self.kind = kind
         self.norm = norm
         self.source_rois = list(source_rois) if source_rois else None
