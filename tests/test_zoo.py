@@ -11,7 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 from brainrobust.errors import ConfigError
-from brainrobust.models.backbones import FACTORIES, build_architecture
+from brainrobust.models.backbones import (
+    FACTORIES,
+    build_architecture,
+    build_backbone,
+    check_normalisation,
+)
 from brainrobust.models.layers import LayerFeatures
 from brainrobust.models.zoo import (
     DEFAULTS_ENTRY,
@@ -181,6 +186,16 @@ def test_random_init_is_seeded_and_leaves_global_rng_alone() -> None:
     w = "block1.0.weight"
     assert torch.equal(first.state_dict()[w], second.state_dict()[w])
     assert not torch.equal(first.state_dict()[w], other.state_dict()[w])
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if get_spec(n).family == "timm"])
+def test_hub_models_normalise_as_their_weights_were_trained(name: str) -> None:
+    """Every hub entry's mean and std are its tag's in timm's pretrained config; a changed one
+    is refused before any weights are looked for."""
+    spec = get_spec(name)
+    check_normalisation(spec)
+    with pytest.raises(ConfigError, match=rf"model {name}: mean .* is not what .* was trained with"):
+        build_backbone(dataclasses.replace(spec, mean=(0.5, 0.5, 0.5) if spec.mean[0] != 0.5 else (0.4, 0.4, 0.4)))
 
 
 def test_unknown_architecture_is_a_config_error() -> None:

@@ -99,6 +99,29 @@ def build_architecture(spec: ModelSpec) -> nn.Module:
         return FACTORIES[spec.family](spec)
 
 
+def check_normalisation(spec: ModelSpec) -> None:
+    """A hub model's mean and std must be those its weights were trained with, as timm's
+    pretrained config of the hub tag states them (offline: the configs ship with timm). Other
+    values would silently feed the network images unlike any it has seen. The input size may
+    differ on purpose (a cheaper run), so only mean and std are held to it."""
+    tag = (spec.hub_id or "").split("/", 1)[-1]
+    if spec.family != "timm" or not tag:
+        return
+    try:
+        cfg = timm.get_pretrained_cfg(tag)
+    except RuntimeError:  # a tag this timm does not know: the weights' loader says so
+        return
+    if cfg is None:
+        return
+    for field, theirs in (("mean", cfg.mean), ("std", cfg.std)):
+        ours = getattr(spec, field)
+        # The zoo's YAMLs round to 3 decimals.
+        if len(ours) != len(theirs) or any(abs(a - b) > 1e-3 for a, b in zip(ours, theirs, strict=True)):
+            raise ConfigError(
+                f"model {spec.name}: {field} {list(ours)} is not what {tag} was trained with "
+                f"({[round(v, 4) for v in theirs]}, timm's pretrained config); set model.{field} to it")
+
+
 def build_backbone(spec: ModelSpec, weights_dir: str | os.PathLike | None = None) -> nn.Module:
     """Architecture plus its weights, in eval mode with frozen parameters.
 
@@ -106,7 +129,8 @@ def build_backbone(spec: ModelSpec, weights_dir: str | os.PathLike | None = None
     cache (timm), else a download when `spec.allow_download`; offline-family models without
     `weights` keep their seeded random init. See `brainrobust.models.weights.resolve_weights`.
     """
-    path = resolve_weights(spec, weights_dir)  # first: missing weights fail before any build
+    check_normalisation(spec)
+    path = resolve_weights(spec, weights_dir)  # missing weights fail before any build
     model = build_architecture(spec)
     if path is not None:
         load_weights(model, path, spec)
