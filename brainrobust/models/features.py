@@ -45,10 +45,13 @@ ImageSource = np.ndarray | Tensor | Dataset | Callable[[int], Any]
 
 @contextmanager
 def lightning_notices_off() -> Iterator[None]:
-    """Two Lightning notices that do not apply to this project's loops: the worker hint (the
-    images are in memory) and Lightning 2.6 calling a pytree API that torch 2.14 deprecates."""
+    """Lightning notices that do not apply to this project's loops: the worker hint (the
+    images are in memory), the test sampler's repeated images (each image counts once: the
+    encoder and the probes drop the repeats), and Lightning 2.6 calling a pytree API that torch
+    2.14 deprecates."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*DistributedSampler. with the dataloaders.*")
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
         yield
 
