@@ -131,9 +131,13 @@ def ddp_runs(tmp_path_factory, synthetic_root):
     base += [*PROBES, f"probe.transfer.results_dir={tmp / 'source'}"]
     single = run(compose_config(*base, f"paths.results_dir={tmp / 'single'}"))
 
-    lightning = _run_py(base + DDP + [f"paths.results_dir={tmp / 'lightning'}"], _clean_env())
+    # Cold caches: the ranks extract the features and fit the readout themselves (two ranks
+    # share the cores, so their float sums differ from one process's in the last bits).
+    lightning = _run_py(base + DDP + [f"paths.results_dir={tmp / 'lightning'}",
+                                      f"paths.cache_dir={tmp / 'cold_cache'}"], _clean_env())
     out = _finish(lightning)
-    srun_out = [_finish(p) for p in _srun(base + DDP + [f"paths.results_dir={tmp / 'srun'}"])]
+    srun_out = [_finish(p) for p in _srun(base + DDP + [f"paths.results_dir={tmp / 'srun'}",
+                                                        f"paths.cache_dir={tmp / 'cold_cache_srun'}"])]
     return {"single": single, "lightning": _only_run(tmp / "lightning"), "srun": _only_run(tmp / "srun"),
             "out": out, "srun_out": srun_out, "isolated": isolated(root, tmp), "tmp": tmp}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from brainrobust.cache import cached
 from brainrobust.errors import CacheError, ConfigError, DataError
@@ -45,12 +46,13 @@ ImageSource = np.ndarray | Tensor | Dataset | Callable[[int], Any]
 
 @contextmanager
 def lightning_notices_off() -> Iterator[None]:
-    """Lightning notices that do not apply to this project's loops: the worker hint (the
-    images are in memory), the test sampler's repeated images (each image counts once: the
-    encoder and the probes drop the repeats), and Lightning 2.6 calling a pytree API that torch
-    2.14 deprecates."""
+    """Lightning notices that do not apply to this project's loops: the worker hints (the
+    images are in memory, loaded without workers), the test sampler's repeated images (each
+    image counts once: the encoder and the probes drop the repeats), and Lightning 2.6 calling a
+    pytree API that torch 2.14 deprecates."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
         warnings.filterwarnings("ignore", message=".*DistributedSampler. with the dataloaders.*")
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
         yield
@@ -94,14 +96,26 @@ class FeatureExtractor(L.LightningModule):
         return self(as_float_images(batch)).float().cpu()
 
 
-class _Batches(Dataset):
-    """Whole batches by index list: one fancy-index per batch for arrays, per item otherwise."""
+class _Batches(IterableDataset):
+    """Whole batches in order: one fancy-index per batch for arrays, per item otherwise.
 
-    def __init__(self, images: ImageSource) -> None:
+    An iterable, so Lightning hands every batch to every DDP rank (it shards only map-style
+    datasets): each rank fits the readout itself and needs every image's features.
+    """
+
+    def __init__(self, images: ImageSource, n_images: int, batch_size: int) -> None:
         self.images = images
         self.per_item = callable(images) and not hasattr(images, "__getitem__")
+        self.n_images, self.batch_size = n_images, batch_size
 
-    def __getitem__(self, indices: list[int]) -> Tensor:
+    def __len__(self) -> int:
+        return math.ceil(self.n_images / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for start in range(0, self.n_images, self.batch_size):
+            yield self.batch(list(range(start, min(self.n_images, start + self.batch_size))))
+
+    def batch(self, indices: list[int]) -> Tensor:
         if isinstance(self.images, Tensor):
             return self.images[indices].detach().cpu()
         if isinstance(self.images, np.ndarray):
@@ -220,11 +234,8 @@ def _predict(
     progress_bar: bool,
     trainer: L.Trainer | None,
 ) -> np.ndarray:
-    sampler = BatchSampler(
-        SequentialSampler(range(n_images)), batch_size=batch_size, drop_last=False
-    )
     # Images are already in memory: worker processes would only add start-up and copies.
-    loader = DataLoader(_Batches(images), sampler=sampler, batch_size=None, num_workers=0)
+    loader = DataLoader(_Batches(images, n_images, batch_size), batch_size=None, num_workers=0)
     if trainer is None:
         trainer = L.Trainer(
             accelerator=accelerator,
