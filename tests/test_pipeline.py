@@ -256,3 +256,26 @@ def test_a_test_loop_cut_short_is_refused_not_merged(make_cfg):
 
     with pytest.raises(DataError, match="handed over 2 of its 6 images"):
         run(make_cfg("+trainer.limit_test_batches=1", "data.batch_size=2"))
+
+
+def test_every_attacking_probe_takes_its_runtime_from_one_place(make_cfg, monkeypatch):
+    """Sensitivity, effect-matched and targeted attacks all get `AttackRuntime.auto` with their
+    own amp and compile settings (bf16 + channels_last on a GPU, fp32 here)."""
+    import sys
+
+    from brainrobust.probes.attack_config import AttackRuntime
+
+    calls = set()
+    real = AttackRuntime.auto.__func__
+
+    def spy(cls, device, compile=False, amp=True):
+        calls.add((sys._getframe(1).f_globals["__name__"].rsplit(".", 1)[-1], amp, compile))
+        return real(cls, device, compile=compile, amp=amp)
+
+    monkeypatch.setattr(AttackRuntime, "auto", classmethod(spy))
+    run(make_cfg("probe=[sensitivity,effect_matched,targeted]", "probe.sensitivity.max_images=1",
+                 "probe.effect_matched.max_images=1", "probe.effect_matched.amp=false",
+                 "probe.targeted.images.n=1", "probe.targeted.eps_schedule=[0.5]",
+                 "probe.targeted.attack.steps=2", "probe.targeted.save_media=false"))
+    assert calls == {("sensitivity", True, False), ("effect_matched", False, False),
+                     ("targeted", True, False)}

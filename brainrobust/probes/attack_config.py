@@ -123,10 +123,11 @@ class AttackRuntime:
                               f"{list(AMP_DTYPES)}, got {self.amp_dtype!r}")
 
     @classmethod
-    def auto(cls, device: torch.device | str, compile: bool = False) -> AttackRuntime:
-        """bf16 autocast + channels_last on a CUDA device with bf16, plain fp32 elsewhere."""
+    def auto(cls, device: torch.device | str, compile: bool = False, amp: bool = True) -> AttackRuntime:
+        """With `amp`, bf16 autocast + channels_last on a CUDA device with bf16; fp32 elsewhere.
+        Every attacking probe takes its runtime from here (its `amp` and `compile` settings)."""
         device = torch.device(device)
-        fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        fast = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
         return cls(amp_dtype="bfloat16" if fast else None, channels_last=fast, compile=compile)
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:

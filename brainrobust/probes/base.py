@@ -107,7 +107,6 @@ class Probe(L.Callback):
         it; a per-image probe takes them as one batch (use outside a Trainer: notebooks, tests)."""
         if self.image_axes is None:
             raise NotImplementedError
-        self.prepare(ctx)
         records = self.run_batch(encoder, ctx, *self.selected_images(ctx))
         if records.empty:
             raise DataError(self.no_records())
@@ -117,9 +116,6 @@ class Probe(L.Callback):
                   ids: np.ndarray) -> pd.DataFrame:
         """Per-image probes: the records of one batch; arrays go to `ctx.store.save_array`."""
         raise NotImplementedError
-
-    def prepare(self, ctx: ProbeContext) -> None:
-        """Work done once per run before the first batch (e.g. finding a transfer's sources)."""
 
     def stale(self, store: RunStore) -> bool:
         """Whether this probe's written records miss inputs that appeared since (new source runs
@@ -208,8 +204,6 @@ class Probe(L.Callback):
         # Kept batches are valid for one batching only: the folder names the ranks.
         self._kept = ChunkStore(ctx.store.dir / PARTIAL / f"{self.name}-{trainer.world_size}ranks")
         self._tags, self._waiting, self._reused, self._done = [], [], 0, 0
-        if self.image_axes is not None:
-            self.prepare(ctx)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

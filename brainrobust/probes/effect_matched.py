@@ -28,8 +28,9 @@ import pandas as pd
 import torch
 
 from brainrobust.errors import ConfigError, DataError
-from brainrobust.probes.attack import AttackResult, PGDConfig, pgd, pgd_config
+from brainrobust.probes.attack import AttackResult, AttackRuntime, PGDConfig, pgd, pgd_config
 from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.probes.chunks import in_batches
 from brainrobust.probes.objectives import make_objective
 
 EFFECT_KINDS = ("absolute", "test_sd", "noise_ceiling")
@@ -62,6 +63,8 @@ class EffectMatchedProbe(Probe):
         max_images: int | None = None,
         rois: list[str] | None = None,
         save_perturbations: bool = True,
+        amp: bool = True,
+        compile: bool = False,
         force: bool = False,
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
@@ -74,6 +77,7 @@ class EffectMatchedProbe(Probe):
         self.eps_min, self.eps_max = float(eps_min), float(eps_max)
         self.growth, self.rel_tol = float(growth), float(rel_tol)
         self.batch_size = batch_size
+        self.amp, self.compile = amp, compile
         self.save_perturbations = save_perturbations
 
     def effect_target(self, stats: Mapping[str, float], roi: str) -> float:
@@ -101,8 +105,9 @@ class EffectMatchedProbe(Probe):
         frames = []
         for roi in self.selected_rois():
             target = self.effect_target(ctx.roi_stats[roi], roi)
-            parts = [self.search(encoder, roi, images[i:i + self.batch_size], target, generator)
-                     for i in range(0, len(images), self.batch_size)]
+            parts = in_batches(len(images), self.batch_size,
+                               lambda start, stop, roi=roi, target=target: self.search(
+                                   encoder, roi, images[start:stop], target, generator))
             found = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             delta = found.pop("delta")
             wide = pd.DataFrame(found)
@@ -166,7 +171,8 @@ class EffectMatchedProbe(Probe):
                  generator: torch.Generator) -> None:
         xi = x[idx]
         result = pgd(make_objective(encoder, roi, "abs", xi), xi, eps.to(x.dtype), self.attack,
-                     generator=generator)
+                     generator=generator,
+                     runtime=AttackRuntime.auto(x.device, compile=self.compile, amp=self.amp))
         with torch.no_grad():
             r_adv = encoder.roi_response(xi + result.delta, roi).double()
         brackets.update(idx, eps, result, r_adv, target)

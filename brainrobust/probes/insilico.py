@@ -35,6 +35,7 @@ from brainrobust.models.build import build, build_encoder
 from brainrobust.models.zoo import model_config
 from brainrobust.probes.attack import (
     NORMS,
+    AttackRuntime,
     check_budget,
     expand_ladder,
     norm_of,
@@ -117,11 +118,14 @@ class InSilicoProbe(Probe):
         mei: Mapping[str, Any] | None = None,
         scorers: Mapping[str, Any] | None = None,
         batch_size: int = 32,
+        amp: bool = True,
+        compile: bool = False,
         max_images: int | None = None,
         force: bool = False,
     ):
         super().__init__(rois=[roi], max_images=max_images, force=force)
         self.roi = roi
+        self.amp, self.compile = amp, compile
         budgets = _plain(budgets)
         if not isinstance(budgets, Mapping) or not budgets or set(budgets) - set(NORMS):
             raise ConfigError(f"insilico.budgets must map norms {list(NORMS)} to lists of eps, "
@@ -170,7 +174,8 @@ class InSilicoProbe(Probe):
             achieved = None
             for method in ("targeted_increase", "targeted_decrease"):
                 objective = make_objective(encoder, self.roi, method.split("_")[1], xe)
-                result = pgd(objective, xe, eps_e, self.attack[norm], generator=generator)
+                result = pgd(objective, xe, eps_e, self.attack[norm], generator=generator,
+                             runtime=AttackRuntime.auto(xe.device, compile=self.compile, amp=self.amp))
                 out.add(method, norm, xe + result.delta, xe, ids_e, eps_e.cpu().numpy(),
                         result.converged.cpu().numpy() > 0)
                 achieved = result.norm if achieved is None else achieved

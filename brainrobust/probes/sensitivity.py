@@ -113,9 +113,7 @@ class SensitivityProbe(Probe):
         n_eps = len(self.eps)
         xe, eps_e, ladder_idx = expand_ladder(x, self.eps.tolist())
         image_idx = start + torch.arange(len(x)).repeat(n_eps)
-        # amp: bf16 autocast + channels_last on a CUDA device with bf16; fp32 elsewhere or when off.
-        runtime = (AttackRuntime.auto(x.device, compile=self.compile) if self.amp
-                   else AttackRuntime(compile=self.compile))
+        runtime = AttackRuntime.auto(x.device, compile=self.compile, amp=self.amp)
         result = pgd(make_objective(encoder, roi, self.objective, xe), xe, eps_e,
                      self.attack, generator=generator, runtime=runtime)
         with torch.no_grad():

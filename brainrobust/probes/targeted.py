@@ -29,6 +29,7 @@ import torch
 
 from brainrobust.errors import ConfigError
 from brainrobust.probes.attack import (
+    AttackRuntime,
     PGDConfig,
     clamp_to_box,
     expand_ladder,
@@ -39,6 +40,7 @@ from brainrobust.probes.attack import (
     validate_eps,
 )
 from brainrobust.probes.base import Probe, ProbeContext
+from brainrobust.probes.chunks import in_batches
 from brainrobust.probes.image_selection import ImageSelection
 from brainrobust.probes.objectives import make_objective
 from brainrobust.probes.perceptual import perceptual_measures
@@ -78,6 +80,8 @@ class TargetedProbe(Probe):
         save_media: bool = True,
         fps: float = 4.0,
         batch_size: int = 16,
+        amp: bool = True,
+        compile: bool = False,
         max_images: int | None = None,
         force: bool = False,
     ):
@@ -104,6 +108,7 @@ class TargetedProbe(Probe):
         self.save_media = save_media
         self.fps = fps
         self.batch_size = batch_size
+        self.amp, self.compile = amp, compile
 
     @property
     def array_name(self) -> str:
@@ -113,10 +118,12 @@ class TargetedProbe(Probe):
         self, encoder: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Perturbations (E, B, 3, S, S) of images x (B, 3, S, S), one per eps of the schedule."""
+        runtime = AttackRuntime.auto(x.device, compile=self.compile, amp=self.amp)
         if not self.warm_start:
             xe, eps_e, _ = expand_ladder(x, self.eps.tolist())
             ladder_objective = make_objective(encoder, self.roi, self.direction, xe, self.hold)
-            delta = pgd(ladder_objective, xe, eps_e, self.attack, generator=generator).delta
+            delta = pgd(ladder_objective, xe, eps_e, self.attack, generator=generator,
+                        runtime=runtime).delta
             return delta.view(len(self.eps), *x.shape)
         objective = make_objective(encoder, self.roi, self.direction, x, self.hold)
         deltas = []
@@ -126,7 +133,7 @@ class TargetedProbe(Probe):
             start = (x + prev).clamp(0.0, 1.0)
             # The rest of the budget around the previous delta; > 0 since the schedule increases.
             room = (eps - norm_of(prev, self.attack.norm)).clamp_min(1e-12 * eps)
-            result = pgd(objective, start, room, self.attack, generator=generator)
+            result = pgd(objective, start, room, self.attack, generator=generator, runtime=runtime)
             with torch.no_grad():
                 stayed = objective(start)
             better = (result.objective >= stayed).view(-1, 1, 1, 1)
@@ -150,11 +157,10 @@ class TargetedProbe(Probe):
         rois = list(ctx.rois)
         generator = ctx.generator()
         frames, deltas, responses = [], [], []
-        bar = self.progress(len(x0), "img", f"{self.direction} {self.roi}")
-        for start in range(0, len(x0), self.batch_size):
-            x = x0[start : start + self.batch_size]
+
+        def drive(start: int, stop: int) -> None:
+            x = x0[start:stop]
             delta = self.trajectory(encoder, x, generator).detach()
-            bar.update(len(x))
             traj = torch.cat([x[None], x[None] + delta])  # (E + 1, B, 3, S, S), frame 0 the start
             with torch.no_grad():
                 pred = encoder(traj.flatten(0, 1))
@@ -162,7 +168,9 @@ class TargetedProbe(Probe):
             frames.append(traj.transpose(0, 1).cpu())
             deltas.append(delta.transpose(0, 1).cpu())
             responses.append(resp.view(len(self.eps) + 1, len(x), len(rois)).transpose(0, 1).cpu())
-        bar.close()
+
+        with self.progress(len(x0), "img", f"{self.direction} {self.roi}") as bar:
+            in_batches(len(x0), self.batch_size, drive, advance=bar.update)
         images = torch.cat(frames)  # (n, E + 1, 3, S, S)
         arrays = {
             "images": images.numpy(),
