@@ -227,8 +227,9 @@ class Probe(L.Callback):
                           self.context.images[torch.from_numpy(positions)].to(pl_module.device))
         if self._reused:
             log.info("%s: reused %d kept batches of an interrupted run", self.name, self._reused)
-        log.info("probe %s: rank %d of %d did %d images in %d batches", self.name,
-                 trainer.global_rank, trainer.world_size, self._done, len(self._tags))
+        if trainer.world_size > 1:
+            log.info("probe %s: rank %d of %d did %d images in %d batches", self.name,
+                     trainer.global_rank, trainer.world_size, self._done, len(self._tags))
         self._kept.write_manifest(f"rank{trainer.global_rank}", self._tags)
         trainer.strategy.barrier(f"probe {self.name}")
         if trainer.is_global_zero:
