@@ -19,12 +19,17 @@ torchattacks PGDL2 runs with its documented defaults (alpha = 0.2 at eps = 1.0, 
 0.2 eps; random start) and, second, the Madry step 2.5 eps / N; torchattacks APGD with its
 defaults (rho 0.75, 1 restart, cross-entropy), returning its best-loss point (`best_loss=True`).
 
-The RESULTS.md table (2-core CPU, about 15 min per TinyCNN eps and 40 min for ResNet-18):
+`--schedules 100x2,200x1,...` instead reports, for Auto-PGD at each fixed schedule (steps x
+restarts), the quality reached and the share of images the convergence report calls converged.
+
+The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for ResNet-18):
 
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.1 --threads 1
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1
     python benchmarks/bench_time_to_quality.py --models resnet18_random --eps 0.1 --ref-restarts 2 \
         --threads 1
+    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1 \
+        --schedules 100x2,200x1,100x1,50x2
 """
 
 from __future__ import annotations
@@ -116,6 +121,8 @@ def main() -> None:
     parser.add_argument("--ref-steps", type=int, default=1000)
     parser.add_argument("--ref-restarts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--schedules", default="",
+                        help="e.g. 100x2,200x1: quality of Auto-PGD at these fixed steps x restarts")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,8 +137,12 @@ def main() -> None:
     print(f"L2 eps {args.eps}, {args.size} px, {args.batch} images, {args.voxels} voxels, "
           f"{torch.get_num_threads()} threads; reference: Auto-PGD {args.ref_steps} steps x "
           f"{args.ref_restarts} restarts; quality: mean objective / reference >= {args.quality}")
-    print("\n| encoder | objective | attack | N | image-steps | CPU s | quality (mean / min) |\n"
-          "|---|---|---|--:|--:|--:|--:|")
+    if args.schedules:
+        print("\n| encoder | objective | steps x restarts | quality (mean / min) | converged |\n"
+              "|---|---|---|--:|--:|")
+    else:
+        print("\n| encoder | objective | attack | N | image-steps | CPU s | quality (mean / min) |\n"
+              "|---|---|---|--:|--:|--:|--:|")
     for model in args.models.split(","):
         encoder = random_readout_encoder(model, args.size, args.voxels)
         x = smooth_images(args.batch, args.size)
@@ -139,9 +150,25 @@ def main() -> None:
             objective = make_objective(encoder, "half" if kind == "abs" else "all", kind, x)
             cfg = PGDConfig(method="apgd", norm="l2", steps=args.ref_steps, restarts=args.ref_restarts)
             reference = pgd(objective, x, args.eps, cfg, generator=torch.Generator().manual_seed(9)).objective
+            if args.schedules:
+                print(_schedules(model, kind, args.schedules, objective, x, args.eps, reference),
+                      flush=True)
+                continue
             for label, (attack, restarts) in attacks.items():
                 print(_time_to_quality(model, kind, label, attack, restarts, encoder, objective, x,
                                        args, grid, reference), flush=True)
+
+
+def _schedules(model, kind, schedules, objective, x, eps, reference) -> str:
+    rows = []
+    for schedule in schedules.split(","):
+        steps, restarts = (int(v) for v in schedule.split("x"))
+        cfg = PGDConfig(method="apgd", norm="l2", steps=steps, restarts=restarts)
+        result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3))
+        ratio = result.objective / reference
+        rows.append(f"| {model} | {kind} | {schedule} | {ratio.mean():.4f} / {ratio.min():.4f} | "
+                    f"{result.converged.mean():.2f} |")
+    return "\n".join(rows)
 
 
 def _time_to_quality(model, kind, label, attack, restarts, encoder, objective, x, args, grid,
