@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from brainrobust.checks import is_integer
 from brainrobust.data.datamodule import BrainDataModule
 from brainrobust.errors import ConfigError, Interrupted
 from brainrobust.files import check_writable, exclusive
@@ -48,11 +49,11 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
 def check_run_values(cfg: DictConfig) -> None:
     """The top-level values every run reads, checked before anything is built."""
     subject = cfg.subject
-    if isinstance(subject, bool) or not isinstance(subject, int) or not 1 <= subject <= 8:
+    if not is_integer(subject) or not 1 <= subject <= 8:
         raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
     seed = cfg.seed
     # numpy, torch and Lightning all take seeds in [0, 2**32).
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if not is_integer(seed) or not 0 <= seed < 2**32:
         shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
         raise ConfigError(f"seed must be an integer in [0, 2**32), got {shown}")
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from brainrobust.checks import require_integer
 from brainrobust.data.datafiles import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
 from brainrobust.data.layouts import LOADERS, data_fingerprint, ensure_synthetic, open_loader
 from brainrobust.data.rois import ROISpec
@@ -42,8 +43,7 @@ class BrainDataModule(L.LightningDataModule):
         super().__init__()
         if layout not in LOADERS:
             raise ConfigError(f"unknown data.layout {layout!r}; valid: {sorted(LOADERS)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+        require_integer("data.batch_size", batch_size, 1)
         self.root = Path(root)
         self.subject = int(subject)
         self.roi_specs = list(rois.values()) if isinstance(rois, Mapping) else list(rois)

@@ -7,13 +7,13 @@ settings, and neither has to import the other for them.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from brainrobust.checks import is_number, require_integer
 from brainrobust.errors import ConfigError
 from brainrobust.probes.geometry import NORMS
 
@@ -67,20 +67,20 @@ class PGDConfig:
             raise ConfigError(f"attack.method must be one of {list(METHODS)}, got {self.method!r}")
         if self.norm not in NORMS:
             raise ConfigError(f"attack.norm must be one of {list(NORMS)}, got {self.norm!r}")
-        _check_int("attack.steps", self.steps, 1)
-        _check_int("attack.restarts", self.restarts, 1)
+        require_integer("attack.steps", self.steps, 1)
+        require_integer("attack.restarts", self.restarts, 1)
         if self.step_size is None:
             object.__setattr__(self, "step_size", DEFAULT_STEP_SIZE[self.method])
-        if not _is_real(self.step_size) or not self.step_size > 0 or math.isinf(self.step_size):
+        if not is_number(self.step_size) or not self.step_size > 0:
             raise ConfigError(
                 f"attack.step_size must be a finite number > 0 (relative to eps), "
                 f"got {self.step_size!r}"
             )
         for name in ("conv_gain_max", "conv_spread_max"):
             value = getattr(self, name)
-            if not _is_real(value) or not 0 <= value < math.inf:
+            if not is_number(value) or not value >= 0:
                 raise ConfigError(f"attack.{name} must be a finite number >= 0, got {value!r}")
-        if not _is_real(self.conv_window) or not 0 < self.conv_window <= 1:
+        if not is_number(self.conv_window) or not 0 < self.conv_window <= 1:
             raise ConfigError(
                 f"attack.conv_window must be a fraction of the steps in (0, 1], "
                 f"got {self.conv_window!r}"
@@ -138,11 +138,3 @@ class AttackRuntime:
     def wrap(self, objective_fn: Objective) -> Objective:
         return torch.compile(objective_fn) if self.compile else objective_fn
 
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -23,7 +23,6 @@ rank 0 writes to the results store.
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from brainrobust.checks import is_number, require_integer
 from brainrobust.errors import ConfigError, DataError, Interrupted
 from brainrobust.probes.chunks import ArrayCapture, Chunk, ChunkStore
 from brainrobust.results.store import RunStore
@@ -147,24 +147,18 @@ class Probe(L.Callback):
         """The one schema for a probe's settings, checked where the probe is built: integers at
         least a minimum, finite numbers above / at least / below a bound, one of some choices.
         A bad value is one line naming its key (`probe.<name>.<key> ...`)."""
-        def fail(key: str, want: str, value: Any) -> None:
-            raise ConfigError(f"probe.{self.name}.{key} must be {want}, got {value!r}")
-
-        def number(value: Any) -> bool:
-            return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and math.isfinite(value))
-
+        prefix = f"probe.{self.name}."
         for key, (value, low) in (integers or {}).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                fail(key, f"an integer >= {low}", value)
+            require_integer(prefix + key, value, low)
         for rules, relation, holds in ((above, ">", operator.gt), (at_least, ">=", operator.ge),
                                        (below, "<", operator.lt)):
             for key, (value, bound) in (rules or {}).items():
-                if not (number(value) and holds(value, bound)):
-                    fail(key, f"a finite number {relation} {bound:g}", value)
+                if not (is_number(value) and holds(value, bound)):
+                    raise ConfigError(f"{prefix}{key} must be a finite number {relation} {bound:g}, "
+                                      f"got {value!r}")
         for key, (value, options) in (choices or {}).items():
             if value not in options:
-                fail(key, f"one of {sorted(options)}", value)
+                raise ConfigError(f"{prefix}{key} must be one of {sorted(options)}, got {value!r}")
 
     def bind(self, context: ProbeContext) -> None:
         unknown = sorted(set(self.rois or []) - set(context.rois))

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from brainrobust.checks import is_number
 from brainrobust.errors import ConfigError, DataError
 from brainrobust.probes.attack import AttackResult, AttackRuntime, PGDConfig, pgd, pgd_config
 from brainrobust.probes.base import Probe, ProbeContext
@@ -228,10 +229,6 @@ class _Brackets:
         return arrays
 
 
-def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
 def _parse_effect(effect: Mapping[str, Any]) -> tuple[str, float]:
     if not isinstance(effect, Mapping) or set(effect) != {"kind", "value"}:
         raise ConfigError(f"effect_matched.effect must be {{kind: absolute|test_sd|noise_ceiling, "
@@ -239,6 +236,6 @@ def _parse_effect(effect: Mapping[str, Any]) -> tuple[str, float]:
     kind, value = effect["kind"], effect["value"]
     if kind not in EFFECT_KINDS:
         raise ConfigError(f"effect_matched.effect.kind must be one of {list(EFFECT_KINDS)}, got {kind!r}")
-    if not _positive(value):
+    if not (is_number(value) and value > 0):
         raise ConfigError(f"effect_matched.effect.value must be a number > 0, got {value!r}")
     return kind, float(value)

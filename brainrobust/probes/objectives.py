@@ -11,12 +11,12 @@ for the clean image (computed once, without gradients) and returns one value per
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from brainrobust.checks import is_number
 from brainrobust.errors import ConfigError
 
 
@@ -77,8 +77,7 @@ def make_objective(
     if roi in hold:
         raise ConfigError(f"hold names the attacked ROI {roi!r}; hold only other ROIs")
     for name, weight in hold.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not math.isfinite(weight) or weight < 0:
+        if not is_number(weight) or weight < 0:
             raise ConfigError(f"hold weight for {name!r} must be a finite number >= 0, "
                               f"got {weight!r}")
     _require_eval(encoder)

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from brainrobust.checks import is_number
 from brainrobust.errors import ConfigError
 from brainrobust.probes.attack import (
     AttackRuntime,
@@ -94,7 +95,7 @@ class TargetedProbe(Probe):
         bad = {
             k: w
             for k, w in hold.items()
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0
+            if not is_number(w) or w < 0
         }
         if bad:
             raise ConfigError(f"targeted.hold weights must be numbers >= 0, got {bad}")
