@@ -19,6 +19,15 @@ torchattacks PGDL2 runs with its documented defaults (alpha = 0.2 at eps = 1.0, 
 0.2 eps; random start) and, second, the Madry step 2.5 eps / N; torchattacks APGD with its
 defaults (rho 0.75, 1 restart, cross-entropy), returning its best-loss point (`best_loss=True`).
 
+`--trajectory` measures each attack in ONE run at its usual settings instead of a sweep of
+budgets: a recorder around the objective sees every iterate the attack evaluates, and the image-
+steps and CPU seconds are counted up to the first evaluation at which the mean over images of the
+best value seen so far reaches the quality (the point the attack would return, best-iterate
+kept, had it stopped there; counted for the peers too, which is generous to PGD, which returns its
+last iterate). brainrobust: the default schedule (100 x 2, restarts run one after the other);
+PGDL2: alpha 0.2 eps, 400 steps (a fixed step makes N steps the first N of a longer run, so this
+is the sweep's answer read in one run); torchattacks APGD: 100 steps.
+
 `--schedules 100x2,200x1,...` instead reports, for Auto-PGD at each fixed schedule (steps x
 restarts), the quality reached and the share of images the convergence report calls converged.
 
@@ -30,6 +39,7 @@ The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for R
         --threads 1
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1 \
         --schedules 100x2,200x1,100x1,50x2
+    python benchmarks/bench_time_to_quality.py --eps 0.1 --ref-restarts 2 --threads 1 --trajectory
 """
 
 from __future__ import annotations
@@ -56,6 +66,30 @@ def smooth_images(n: int, size: int, seed: int = 1) -> Tensor:
     """Natural-image-like inputs: random 8 x 8 colour fields upsampled (no pixel at 0 or 1)."""
     low = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
     return nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+
+
+class Recorder:
+    """Wraps an objective: the values and cumulative CPU seconds of every batch it evaluates."""
+
+    def __init__(self, objective: Callable[[Tensor], Tensor]):
+        self.objective = objective
+        self.values: list[Tensor] = []
+        self.seconds: list[float] = []
+        self.start = time.process_time()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        value = self.objective(x)
+        self.values.append(value.detach().clone())
+        self.seconds.append(time.process_time() - self.start)
+        return value
+
+    def first_reaching(self, reference: Tensor, quality: float) -> tuple[int, float, float]:
+        """(evaluations, CPU s, quality) at the first evaluation where the mean over images of
+        best-so-far / reference reaches `quality`; (all, all, final quality) if none does."""
+        best = torch.cummax(torch.stack(self.values), dim=0).values / reference
+        reached = (best.mean(1) >= quality).nonzero()
+        i = int(reached[0]) if len(reached) else len(best) - 1
+        return i + 1, self.seconds[i], float(best[i].mean())
 
 
 class ObjectiveAsLogits(nn.Module):
@@ -121,6 +155,8 @@ def main() -> None:
     parser.add_argument("--ref-steps", type=int, default=1000)
     parser.add_argument("--ref-restarts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--trajectory", action="store_true",
+                        help="one run per attack at its usual settings; count until the quality")
     parser.add_argument("--schedules", default="",
                         help="e.g. 100x2,200x1: quality of Auto-PGD at these fixed steps x restarts")
     args = parser.parse_args()
@@ -137,7 +173,10 @@ def main() -> None:
     print(f"L2 eps {args.eps}, {args.size} px, {args.batch} images, {args.voxels} voxels, "
           f"{torch.get_num_threads()} threads; reference: Auto-PGD {args.ref_steps} steps x "
           f"{args.ref_restarts} restarts; quality: mean objective / reference >= {args.quality}")
-    if args.schedules:
+    if args.trajectory:
+        print("\n| encoder | objective | attack (one run) | image-steps to quality | CPU s | "
+              "quality at the end |\n|---|---|---|--:|--:|--:|")
+    elif args.schedules:
         print("\n| encoder | objective | steps x restarts | quality (mean / min) | converged |\n"
               "|---|---|---|--:|--:|")
     else:
@@ -150,6 +189,9 @@ def main() -> None:
             objective = make_objective(encoder, "half" if kind == "abs" else "all", kind, x)
             cfg = PGDConfig(method="apgd", norm="l2", steps=args.ref_steps, restarts=args.ref_restarts)
             reference = pgd(objective, x, args.eps, cfg, generator=torch.Generator().manual_seed(9)).objective
+            if args.trajectory:
+                print(_trajectories(model, kind, encoder, objective, x, args, reference), flush=True)
+                continue
             if args.schedules:
                 print(_schedules(model, kind, args.schedules, objective, x, args.eps, reference),
                       flush=True)
@@ -157,6 +199,26 @@ def main() -> None:
             for label, (attack, restarts) in attacks.items():
                 print(_time_to_quality(model, kind, label, attack, restarts, encoder, objective, x,
                                        args, grid, reference), flush=True)
+
+
+def _trajectories(model, kind, encoder, objective, x, args, reference) -> str:
+    runs = {
+        "brainrobust default (100 x 2)": (ours("apgd")[0], 100),
+        "torchattacks PGDL2 (alpha 0.2 eps)": (torchattacks_pgdl2(lambda e, n: 0.2 * e)[0], 400),
+        "torchattacks APGD (100 steps)": (torchattacks_apgd()[0], 100),
+    }
+    rows = []
+    for label, (attack, steps) in runs.items():
+        recorder = Recorder(objective)
+        adv = attack(encoder, recorder, x, args.eps, steps)
+        with torch.no_grad():
+            recorder(adv)  # the returned point counts too (PGD's last iterate is never evaluated)
+        evaluations, cpu, quality = recorder.first_reaching(reference, args.quality)
+        final = float((recorder.values[-1] / reference).mean())
+        reached = "" if quality >= args.quality else f" (never: {quality:.4f})"
+        rows.append(f"| {model} | {kind} | {label} | {evaluations * len(x)}{reached} | {cpu:.1f} | "
+                    f"{final:.4f} |")
+    return "\n".join(rows)
 
 
 def _schedules(model, kind, schedules, objective, x, eps, reference) -> str:
