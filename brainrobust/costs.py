@@ -78,7 +78,10 @@ class Job:
 # ---- the probes' work ----------------------------------------------------------------------
 
 def pgd_steps(attack: dict[str, Any]) -> int:
-    return int(attack["steps"]) * int(attack["restarts"])
+    """Gradient steps per image: each restart's candidates' short runs, then its own steps."""
+    steps, candidates = int(attack["steps"]), int(attack.get("candidates", 1))
+    short = max(round(float(attack.get("candidate_fraction", 0.1)) * steps), 1)
+    return (steps + (candidates * short if candidates > 1 else 0)) * int(attack["restarts"])
 
 
 def sensitivity_work(p: dict[str, Any], job: Job) -> Work:

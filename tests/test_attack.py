@@ -11,6 +11,7 @@ from helpers import LinearEncoder
 from torch import nn
 
 from brainrobust.errors import BrainRobustError, ConfigError
+from brainrobust.probes.ascent import ascend
 from brainrobust.probes.attack import (
     AttackRuntime,
     PGDConfig,
@@ -253,6 +254,25 @@ def test_restarts_keep_the_best_run_per_sample():
     assert len(set(winner.tolist())) > 1  # the restarts really differ
 
 
+def test_each_restart_continues_from_the_best_of_its_candidates():
+    enc = TinyCNNEncoder().eval()
+    x = images(8, 16)
+    objective = make_objective(enc, "B", "abs", x)
+    cfg = PGDConfig(norm="l2", steps=10, step_size=0.5, candidates=3, candidate_fraction=0.3)
+    screened = pgd(objective, x, 2.0, cfg, generator=gen(7))
+    g = gen(7)  # the same stream: three short runs of 3 steps, then the restart from their best
+    short = [pgd(objective, x, 2.0, PGDConfig(norm="l2", steps=3, step_size=0.5), generator=g)
+             for _ in range(3)]
+    values = torch.stack([s.objective for s in short])
+    assert len(set(values.argmax(0).tolist())) > 1  # the candidates really differ
+    start = torch.stack([s.delta for s in short])[values.argmax(0), torch.arange(8)]
+    eps_b = torch.full((8, 1, 1, 1), 2.0)
+    run = ascend(objective, x, eps_b, PGDConfig(norm="l2", steps=10, step_size=0.5), g,
+                 AttackRuntime(), start=start)
+    assert torch.equal(screened.delta, run.delta)
+    assert torch.equal(screened.objective, run.objective)
+
+
 def test_seeded_runs_are_bit_identical():
     enc = TinyCNNEncoder().eval()
     x = images(6, 16)
@@ -392,6 +412,10 @@ def test_hold_keeps_the_other_roi_nearly_fixed():
     ({"method": "fgsm"}, "method"),
     ({"conv_window": 0.0}, "conv_window"), ({"conv_window": 1.5}, "conv_window"),
     ({"conv_gain_max": -0.1}, "conv_gain_max"), ({"conv_spread_max": math.nan}, "conv_spread_max"),
+    ({"candidates": 0}, "candidates"), ({"candidates": 1.5}, "candidates"),
+    ({"candidates": 4, "random_start": False}, "candidates"),
+    ({"candidate_fraction": 0.0}, "candidate_fraction"),
+    ({"candidate_fraction": math.nan}, "candidate_fraction"),
 ])
 def test_bad_config_is_a_one_line_config_error(kwargs, field):
     with pytest.raises(ConfigError, match=field) as err:

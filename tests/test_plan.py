@@ -51,6 +51,7 @@ def test_sensitivity_counts_rows_times_steps(tmp_path):
     ("attack.steps=2000", 100, 1),
     ("attack.restarts=3", 3, 1),
     ("attack=pgd_strong", 25, 1),  # 100 steps x 5 restarts
+    ("attack=apgd", 14, 1),  # (4 candidates x 10 steps + 100 steps) x 2 restarts
     ("epsilon=l2_small", 0.5, 0.5),  # 3 budgets instead of 6
     ("probe.sensitivity.max_images=8", 0.1, 0.1),
     ("probe.sensitivity.random_draws=8", 1, 10 / 6),

@@ -56,9 +56,11 @@ def ascend(
     cfg: PGDConfig,
     generator: torch.Generator | None,
     runtime: AttackRuntime,
+    start: Tensor | None = None,
 ) -> Ascent:
-    """One run (restart) of the attack `cfg.method` from a fresh start."""
-    start = random_start(x, eps_b, cfg.norm, generator) if cfg.random_start else torch.zeros_like(x)
+    """One run of the attack `cfg.method` from `start`, else from a fresh (random) start."""
+    if start is None:
+        start = random_start(x, eps_b, cfg.norm, generator) if cfg.random_start else torch.zeros_like(x)
     delta = constrain(x, start, eps_b, cfg.norm, cfg.clamp)
     fallback = random_direction(x, cfg.norm, generator)
     rule = STEP_RULES[cfg.method](cfg, eps_b)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -69,7 +69,8 @@ class AttackResult:
     delta : (N, 3, S, S) best perturbation found, dtype of x.
     objective : (N,) objective at x + delta, dtype of x (re-evaluated without autocast).
     norm : (N,) achieved norm of delta in the attack's norm.
-    steps_used : (N,) int64, gradient steps taken to reach the returned delta (0 = the start).
+    steps_used : (N,) int64, steps of the winning restart's run to the returned delta (0 = its
+        start: a random point, or the best candidate's point with `candidates` > 1).
     conv_gain : (N,) relative gain of the best objective over the last `conv_window` of the
         steps, in the restart that won.
     conv_spread : (N,) (best - worst) / |best| of the restarts' values; NaN with one restart.
@@ -183,7 +184,8 @@ def pgd(
     runs = []
     with torch.enable_grad():
         for _ in range(cfg.restarts):
-            run = ascend(fn, x, eps_b, cfg, generator, runtime)
+            start = _screened_start(fn, x, eps_b, cfg, generator, runtime)
+            run = ascend(fn, x, eps_b, cfg, generator, runtime, start=start)
             if runtime.amp_dtype is not None:
                 with torch.no_grad():
                     run.objective = objective_fn(x + run.delta).to(x.dtype)
@@ -260,6 +262,17 @@ def random_perturbation(
 
 
 # --- internals ---------------------------------------------------------------------------------
+
+
+def _screened_start(fn: Objective, x: Tensor, eps_b: Tensor, cfg: PGDConfig,
+                    generator: torch.Generator | None, runtime: AttackRuntime) -> Tensor | None:
+    """The best point per sample of `cfg.candidates` short runs from random starts (None: a
+    restart takes one random start)."""
+    if cfg.candidates == 1:
+        return None
+    short = replace(cfg, steps=cfg.candidate_steps)
+    runs = [ascend(fn, x, eps_b, short, generator, runtime) for _ in range(cfg.candidates)]
+    return _best_of(runs, eps_b)[0].delta
 
 
 def _best_of(runs: list[Ascent], eps_b: Tensor) -> tuple[Ascent, Tensor]:

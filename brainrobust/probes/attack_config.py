@@ -43,6 +43,11 @@ class PGDConfig:
     random_start : start each restart at a random point of the ball (L2: Gaussian direction,
         radius uniform in [0, eps]; L-inf: uniform in the cube) instead of at delta = 0.
     restarts : independent runs; the best per sample is kept. > 1 needs random_start.
+    candidates : random starts screened per restart (> 1 needs random_start): each runs
+        `candidate_fraction` of `steps` steps of the method (at least one), and the restart
+        continues from the best of them per sample. Cheap exploration of a rugged landscape, and
+        of both signs of `abs`, which a restart otherwise commits to at its start.
+    candidate_fraction : the length of each candidate's short run, as a fraction of `steps`.
     clamp : keep x + delta in [0, 1].
     conv_window : the last fraction of the steps over which `conv_gain` is measured.
     conv_gain_max, conv_spread_max : a result counts as converged when its best objective grew by
@@ -57,6 +62,8 @@ class PGDConfig:
     step_size: float | None = None
     random_start: bool = True
     restarts: int = 1
+    candidates: int = 1
+    candidate_fraction: float = 0.1
     clamp: bool = True
     conv_window: float = 0.25
     conv_gain_max: float = 0.003
@@ -69,6 +76,7 @@ class PGDConfig:
             raise ConfigError(f"attack.norm must be one of {list(NORMS)}, got {self.norm!r}")
         require_integer("attack.steps", self.steps, 1)
         require_integer("attack.restarts", self.restarts, 1)
+        require_integer("attack.candidates", self.candidates, 1)
         if self.step_size is None:
             object.__setattr__(self, "step_size", DEFAULT_STEP_SIZE[self.method])
         if not is_number(self.step_size) or not self.step_size > 0:
@@ -80,14 +88,20 @@ class PGDConfig:
             value = getattr(self, name)
             if not is_number(value) or not value >= 0:
                 raise ConfigError(f"attack.{name} must be a finite number >= 0, got {value!r}")
-        if not is_number(self.conv_window) or not 0 < self.conv_window <= 1:
-            raise ConfigError(
-                f"attack.conv_window must be a fraction of the steps in (0, 1], "
-                f"got {self.conv_window!r}"
-            )
-        if self.restarts > 1 and not self.random_start:
-            raise ConfigError(f"attack.restarts={self.restarts} needs attack.random_start=true "
-                              f"(restarts from delta = 0 are all the same run)")
+        for name in ("conv_window", "candidate_fraction"):
+            value = getattr(self, name)
+            if not is_number(value) or not 0 < value <= 1:
+                raise ConfigError(f"attack.{name} must be a fraction of the steps in (0, 1], "
+                                  f"got {value!r}")
+        for name in ("restarts", "candidates"):
+            if getattr(self, name) > 1 and not self.random_start:
+                raise ConfigError(f"attack.{name}={getattr(self, name)} needs "
+                                  f"attack.random_start=true (runs from delta = 0 are all the "
+                                  f"same run)")
+
+    @property
+    def candidate_steps(self) -> int:
+        return max(round(self.candidate_fraction * self.steps), 1)
 
 
 @dataclass(frozen=True)
