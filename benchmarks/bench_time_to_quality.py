@@ -5,7 +5,8 @@ forward and a backward pass of the same network; bench_attack.py), so speed come
 fewer steps. For each encoder and objective this measures a long reference (Auto-PGD, many steps
 and restarts, the best per image), then runs every attack at a growing step budget N and reports
 the first N whose result reaches `--quality` (0.99) of the reference, as the mean over images
-of objective / reference, with the image-steps (N x restarts x images) and CPU seconds of that run.
+of objective / reference, with the image-steps (gradient steps per image at budget N, each
+restart's screened candidates included, x images) and CPU seconds of that run.
 
 Encoders: the zoo's random-init CNNs (tiny_cnn_random, resnet18_random) at `--size` px with a
 random linear readout of `--voxels` voxels; objectives "abs" (ROI mean of the first half of the
@@ -24,12 +25,14 @@ budgets: a recorder around the objective sees every iterate the attack evaluates
 steps and CPU seconds are counted up to the first evaluation at which the mean over images of the
 best value seen so far reaches the quality (the point the attack would return, best-iterate
 kept, had it stopped there; counted for the peers too, which is generous to PGD, which returns its
-last iterate). brainrobust: the default schedule (100 x 2, restarts run one after the other);
+last iterate). brainrobust: the default schedule (100 steps x 2 restarts, each after its 4
+screened candidates, all one after the other);
 PGDL2: alpha 0.2 eps, 400 steps (a fixed step makes N steps the first N of a longer run, so this
 is the sweep's answer read in one run); torchattacks APGD: 100 steps.
 
 `--schedules 100x2,200x1,...` instead reports, for Auto-PGD at each fixed schedule (steps x
-restarts), the quality reached and the share of images the convergence report calls converged.
+restarts, optionally cN: N screened candidates per restart, e.g. 100x2c4), the quality reached and
+the share of images the convergence report calls converged.
 
 The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for ResNet-18):
 
@@ -53,6 +56,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from brainrobust.costs import pgd_steps
 from brainrobust.models.build import random_readout_encoder
 from brainrobust.probes.attack import PGDConfig, pgd
 from brainrobust.probes.objectives import make_objective
@@ -60,6 +64,8 @@ from brainrobust.probes.objectives import make_objective
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
 # (encoder, objective, images, eps, steps) -> adversarial images
 Attack = Callable[[nn.Module, Callable[[Tensor], Tensor], Tensor, float, int], Tensor]
+# budget N -> gradient steps per image
+Cost = Callable[[int], int]
 
 
 def smooth_images(n: int, size: int, seed: int = 1) -> Tensor:
@@ -108,7 +114,7 @@ class ObjectiveAsLogits(nn.Module):
         return torch.stack([value, torch.zeros_like(value)], dim=1)
 
 
-def ours(attack_config: str, **changes) -> tuple[Attack, int]:
+def ours(attack_config: str, **changes) -> tuple[Attack, Cost]:
     """An attack of conf/attack/ at budget N, with `changes`."""
     settings = OmegaConf.to_container(OmegaConf.load(CONF / f"{attack_config}.yaml"))
     settings = {k: v for k, v in settings.items() if k not in ("_target_", "norm", "steps")}
@@ -117,10 +123,10 @@ def ours(attack_config: str, **changes) -> tuple[Attack, int]:
     def run(encoder, objective, x, eps, steps):
         cfg = PGDConfig(norm="l2", steps=steps, **settings)
         return x + pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3)).delta
-    return run, settings["restarts"]
+    return run, lambda steps: pgd_steps({**settings, "steps": steps})
 
 
-def torchattacks_pgdl2(alpha: Callable[[float, int], float]) -> tuple[Attack, int]:
+def torchattacks_pgdl2(alpha: Callable[[float, int], float]) -> tuple[Attack, Cost]:
     import torchattacks
 
     def run(encoder, objective, x, eps, steps):
@@ -128,17 +134,17 @@ def torchattacks_pgdl2(alpha: Callable[[float, int], float]) -> tuple[Attack, in
         attack = torchattacks.PGDL2(ObjectiveAsLogits(objective, encoder).eval(), eps=eps,
                                     alpha=alpha(eps, steps), steps=steps, random_start=True)
         return attack(x, torch.ones(len(x), dtype=torch.long))
-    return run, 1
+    return run, lambda steps: steps
 
 
-def torchattacks_apgd() -> tuple[Attack, int]:
+def torchattacks_apgd() -> tuple[Attack, Cost]:
     import torchattacks
 
     def run(encoder, objective, x, eps, steps):
         attack = torchattacks.APGD(ObjectiveAsLogits(objective, encoder).eval(), norm="L2", eps=eps,
                                    steps=steps, n_restarts=1, seed=3, loss="ce")
         return attack.perturb(x, torch.ones(len(x), dtype=torch.long), best_loss=True)[1]
-    return run, 1
+    return run, lambda steps: steps
 
 
 def main() -> None:
@@ -165,7 +171,7 @@ def main() -> None:
     grid = [int(n) for n in args.grid.split(",")]
     attacks = {
         "brainrobust default (conf/attack/apgd.yaml)": ours("apgd"),
-        "brainrobust apgd, 1 restart": ours("apgd", restarts=1),
+        "brainrobust apgd, 1 restart (4 candidates)": ours("apgd", restarts=1),
         "torchattacks PGDL2 (alpha 0.2 eps, its default)": torchattacks_pgdl2(lambda e, n: 0.2 * e),
         "torchattacks PGDL2 (alpha 2.5 eps / N)": torchattacks_pgdl2(lambda e, n: 2.5 * e / n),
         "torchattacks APGD (L2, best loss)": torchattacks_apgd(),
@@ -196,14 +202,14 @@ def main() -> None:
                 print(_schedules(model, kind, args.schedules, objective, x, args.eps, reference),
                       flush=True)
                 continue
-            for label, (attack, restarts) in attacks.items():
-                print(_time_to_quality(model, kind, label, attack, restarts, encoder, objective, x,
+            for label, (attack, cost) in attacks.items():
+                print(_time_to_quality(model, kind, label, attack, cost, encoder, objective, x,
                                        args, grid, reference), flush=True)
 
 
 def _trajectories(model, kind, encoder, objective, x, args, reference) -> str:
     runs = {
-        "brainrobust default (100 x 2)": (ours("apgd")[0], 100),
+        "brainrobust default (100 x 2, 4 candidates)": (ours("apgd")[0], 100),
         "torchattacks PGDL2 (alpha 0.2 eps)": (torchattacks_pgdl2(lambda e, n: 0.2 * e)[0], 400),
         "torchattacks APGD (100 steps)": (torchattacks_apgd()[0], 100),
     }
@@ -224,8 +230,10 @@ def _trajectories(model, kind, encoder, objective, x, args, reference) -> str:
 def _schedules(model, kind, schedules, objective, x, eps, reference) -> str:
     rows = []
     for schedule in schedules.split(","):
-        steps, restarts = (int(v) for v in schedule.split("x"))
-        cfg = PGDConfig(method="apgd", norm="l2", steps=steps, restarts=restarts)
+        steps, rest = schedule.split("x")
+        restarts, _, candidates = rest.partition("c")
+        cfg = PGDConfig(method="apgd", norm="l2", steps=int(steps), restarts=int(restarts),
+                        candidates=int(candidates or 1))
         result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3))
         ratio = result.objective / reference
         rows.append(f"| {model} | {kind} | {schedule} | {ratio.mean():.4f} / {ratio.min():.4f} | "
@@ -233,7 +241,7 @@ def _schedules(model, kind, schedules, objective, x, eps, reference) -> str:
     return "\n".join(rows)
 
 
-def _time_to_quality(model, kind, label, attack, restarts, encoder, objective, x, args, grid,
+def _time_to_quality(model, kind, label, attack, cost, encoder, objective, x, args, grid,
                      reference) -> str:
     for steps in grid:
         cpu = time.process_time()
@@ -244,7 +252,7 @@ def _time_to_quality(model, kind, label, attack, restarts, encoder, objective, x
         if ratio.mean() >= args.quality:
             break
     reached = "" if ratio.mean() >= args.quality else " (not reached)"
-    return (f"| {model} | {kind} | {label} | {steps}{reached} | {steps * restarts * len(x)} | "
+    return (f"| {model} | {kind} | {label} | {steps}{reached} | {cost(steps) * len(x)} | "
             f"{cpu:.1f} | {ratio.mean():.4f} / {ratio.min():.4f} |")
 
 
