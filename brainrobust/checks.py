@@ -18,6 +18,11 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def require_bool(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
 def require_integer(key: str, value: object, minimum: int) -> None:
     if not is_integer(value) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")

@@ -51,6 +51,10 @@ def check_run_values(cfg: DictConfig) -> None:
     subject = cfg.subject
     if not is_integer(subject) or not 1 <= subject <= 8:
         raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
+    for key, top in (("subject", "subject"), ("rois", "roi")):
+        if key in cfg.data and OmegaConf.select(cfg, f"data.{key}") != cfg[top]:
+            raise ConfigError(f"data.{key} follows {top}; set {top}=... instead of data.{key} "
+                              f"(records are labelled by {top})")
     seed = cfg.seed
     # numpy, torch and Lightning all take seeds in [0, 2**32).
     if not is_integer(seed) or not 0 <= seed < 2**32:

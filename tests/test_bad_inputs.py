@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, compose_config, isolated
@@ -47,6 +48,13 @@ ROWS = [
     (["epsilon.ladder=[-0.1]"], ConfigError, "eps must be finite and > 0"),
     (["epsilon.ladder=[nan]"], ConfigError, "eps must be finite and > 0"),
     (["epsilon.ladder=[]"], ConfigError, "eps is empty"),
+    (["epsilon.ladder=[true]"], ConfigError, "a flat list of them"),
+    (["epsilon.ladder=[[0.1]]"], ConfigError, "a flat list of them"),
+    (["epsilon.ladder=[0.1,0.1]"], ConfigError, "repeats a budget"),
+    (["attack.clamp=no"], ConfigError, "attack.clamp must be true or false"),
+    (["attack.random_start=maybe"], ConfigError, "attack.random_start must be true or false"),
+    (["data.subject=3"], ConfigError, "set subject=... instead of data.subject"),
+    (["data.rois=[PPA]"], ConfigError, "set roi=... instead of data.rois"),
     (["epsilon.norm=l3"], ConfigError, "attack.norm must be one of"),
     (["attack.steps=0"], ConfigError, "attack.steps"),
     (["attack.step_size=-1"], ConfigError, "attack.step_size"),
@@ -115,3 +123,12 @@ def test_cli_prints_one_line_and_exits_non_zero(finished):
 
 def test_all_errors_share_one_base(finished):
     assert all(issubclass(exc, BrainRobustError) for _, exc, _ in ROWS)
+
+
+def test_identical_predictions_for_every_test_image_are_refused():
+    # All-black stimuli (an incomplete stimuli file) make every prediction the same: r would read
+    # as 0 and the attack as converged, with nothing wrong in sight.
+    from brainrobust.models.encoder import predictivity_table
+    true = np.random.default_rng(0).random((5, 3))
+    with pytest.raises(DataError, match="identical for every test image"):
+        predictivity_table(np.ones((5, 3)), true, {"FFA": torch.arange(3)}, None, {})

@@ -410,12 +410,14 @@ def test_subjects_without_files_use_fallback_sessions(tiny, caplog):
     np.testing.assert_array_equal(ids, truth.test_ids)
 
 
-def test_zero_and_nan_voxels_are_dropped_and_counted(tiny, caplog):
+def test_zero_constant_and_nan_voxels_are_dropped_and_counted(tiny, caplog):
     root, truth = tiny
     clean = NSDLoader(root).load(1, "FFA", "test")
-    (x0, y0, z0), (x1, y1, z1) = clean.voxel_xyz[:2]
+    (x0, y0, z0), (x1, y1, z1), (x2, y2, z2) = clean.voxel_xyz[:3]
     with h5py.File(betas_dir(root, 1) / "betas_session02.hdf5", "r+") as f:
         f["betas"][:, z0, y0, x0] = 0
+        # Constant but not zero: its z-scores are rounding noise over an SD of ~1e-16.
+        f["betas"][:, z2, y2, x2] = 123
     path = betas_dir(root, 1) / "ncsnr.nii.gz"
     image = nib.load(path)
     ncsnr = image.get_fdata()
@@ -423,11 +425,11 @@ def test_zero_and_nan_voxels_are_dropped_and_counted(tiny, caplog):
     nib.save(nib.Nifti1Image(ncsnr, image.affine), path)
     with caplog.at_level(logging.WARNING):
         data = NSDLoader(root).load(1, "FFA", "test")
-    assert data.n_dropped == 2 and "dropped 2 of" in caplog.text
-    assert len(data.rois["FFA"]) == truth.roi_voxel_count(1, "FFA") - 2
+    assert data.n_dropped == 3 and "dropped 3 of" in caplog.text
+    assert len(data.rois["FFA"]) == truth.roi_voxel_count(1, "FFA") - 3
     assert np.isfinite(data.responses).all() and np.isfinite(data.noise_ceiling).all()
     assert np.isfinite(data.roi_mean["FFA"]).all()
-    np.testing.assert_array_equal(data.voxel_xyz, clean.voxel_xyz[2:])
+    np.testing.assert_array_equal(data.voxel_xyz, clean.voxel_xyz[3:])
 
 
 def rewrite_betas(path, transform, name="betas"):

@@ -190,7 +190,7 @@ def _roi_columns(masks: dict[str, np.ndarray], flat: np.ndarray, valid: np.ndarr
         cols = column[np.searchsorted(flat, np.flatnonzero(mask))]
         if not (cols >= 0).any():
             raise DataError(f"ROI {name!r} is empty for subject {subject}: all its voxels were "
-                            "dropped as all-zero/NaN; choose another ROI")
+                            "dropped as all-zero, constant or NaN; choose another ROI or check the betas files")
         out[name] = cols[cols >= 0]
     return out
 
@@ -380,7 +380,8 @@ class NSDLoader(NSDLayout):
                     raise _failed_read(path, exc) from None
                 del source
             z = zscore_sessions(raw / BETA_SCALE)
-            ok = np.isfinite(z).all(axis=0)
+            # A constant int16 column z-scores to noise over an SD of ~1e-16, not to NaN.
+            ok = np.isfinite(z).all(axis=0) & (raw.min(axis=0) != raw.max(axis=0))
             valid &= ok
             z[:, ~ok] = 0.0
             trials[k * TRIALS_PER_SESSION:(k + 1) * TRIALS_PER_SESSION] = z

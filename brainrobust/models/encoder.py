@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from brainrobust.errors import ConfigError
+from brainrobust.errors import ConfigError, DataError
 from brainrobust.models.readout import pearson_r
 
 
@@ -104,6 +104,9 @@ def predictivity_table(
 
     The noise ceiling is a percent of explainable variance, so r is compared with sqrt(NC/100).
     """
+    if len(pred) > 1 and np.ptp(pred, axis=0).max() == 0:
+        raise DataError("the predictions are identical for every test image (are the stimuli all "
+                        "the same, e.g. all black from an incomplete stimuli file?); check them")
     r_vox = pearson_r(true, pred)
     rows = []
     for roi, idx in rois.items():

@@ -56,6 +56,7 @@ __all__ = [
     "project",
     "random_perturbation",
     "validate_eps",
+    "validate_ladder",
 ]
 
 # Bisection steps on log(scale) in random_perturbation: 2**-50 relative width is far below 1e-4.
@@ -105,8 +106,13 @@ def pgd_config(attack: PGDConfig | Mapping[str, Any] | None, norm: str | None = 
 def validate_eps(eps: float | Sequence[float] | Tensor) -> Tensor:
     """Check a budget or a ladder of budgets; return it as a 1-D float64 CPU tensor.
 
-    Raises ConfigError for an empty ladder or any value that is not finite and > 0.
+    Raises ConfigError for an empty ladder, a nested one, or any value that is not finite and
+    > 0 (booleans included: YAML's `true` is not a budget of 1).
     """
+    listed = eps if isinstance(eps, Sequence) and not isinstance(eps, str) else [eps]
+    if any(isinstance(v, bool) or (isinstance(v, Sequence) and not isinstance(v, str))
+           for v in listed):
+        raise ConfigError(f"eps must be a number > 0 or a flat list of them, got {eps!r}")
     try:
         values = torch.as_tensor(eps, dtype=torch.float64).detach().cpu().reshape(-1)
     except (TypeError, ValueError, RuntimeError):
@@ -117,6 +123,15 @@ def validate_eps(eps: float | Sequence[float] | Tensor) -> Tensor:
     if bad.any():
         raise ConfigError(f"every eps must be finite and > 0, got {values[bad].tolist()}")
     return values
+
+
+def validate_ladder(eps: float | Sequence[float] | Tensor) -> Tensor:
+    """`validate_eps` for a ladder of budgets, each listed once (a repeat would duplicate
+    records under one (image, eps) key)."""
+    ladder = validate_eps(eps)
+    if len(set(ladder.tolist())) < len(ladder):
+        raise ConfigError(f"the eps ladder repeats a budget: {ladder.tolist()}; list each once")
+    return ladder
 
 
 def check_budget(eps: Sequence[float], norm: str, size: int) -> None:
@@ -140,7 +155,7 @@ def expand_ladder(x: Tensor, eps_ladder: Sequence[float]) -> tuple[Tensor, Tenso
     eps : (E * B,) the budget of each row, dtype and device of x.
     ladder_index : (E * B,) int64, e for each row.
     """
-    ladder = validate_eps(eps_ladder)
+    ladder = validate_ladder(eps_ladder)
     n_eps, batch = len(ladder), x.shape[0]
     x_rep = x.repeat(n_eps, *([1] * (x.dim() - 1)))
     eps = ladder.to(device=x.device, dtype=x.dtype).repeat_interleave(batch)

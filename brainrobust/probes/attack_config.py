@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from brainrobust.checks import is_number, require_integer
+from brainrobust.checks import is_number, require_bool, require_integer
 from brainrobust.errors import ConfigError
 from brainrobust.probes.geometry import NORMS
 
@@ -74,6 +74,8 @@ class PGDConfig:
             raise ConfigError(f"attack.method must be one of {list(METHODS)}, got {self.method!r}")
         if self.norm not in NORMS:
             raise ConfigError(f"attack.norm must be one of {list(NORMS)}, got {self.norm!r}")
+        for name in ("random_start", "clamp"):
+            require_bool(f"attack.{name}", getattr(self, name))
         require_integer("attack.steps", self.steps, 1)
         require_integer("attack.restarts", self.restarts, 1)
         require_integer("attack.candidates", self.candidates, 1)

@@ -24,7 +24,7 @@ from brainrobust.probes.attack import (
     pgd,
     pgd_config,
     random_perturbation,
-    validate_eps,
+    validate_ladder,
 )
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.chunks import in_batches
@@ -59,7 +59,7 @@ class SensitivityProbe(Probe):
         self.attack = pgd_config(attack)
         self.compile = compile
         self.amp = amp
-        self.eps = validate_eps(eps)
+        self.eps = validate_ladder(eps)
         self.check(integers={"random_draws": (random_draws, 1), "batch_size": (batch_size, 1)},
                    choices={"objective": (objective, OBJECTIVES)})
         self.objective = objective
