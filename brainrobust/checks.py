@@ -23,6 +23,11 @@ def require_bool(key: str, value: object) -> None:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
+def require_folder(key: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a folder, got {value!r}")
+
+
 def require_integer(key: str, value: object, minimum: int) -> None:
     if not is_integer(value) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")

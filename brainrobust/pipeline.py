@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from brainrobust.checks import is_integer
+from brainrobust.checks import is_integer, require_folder
 from brainrobust.data.datamodule import BrainDataModule
 from brainrobust.errors import ConfigError, Interrupted
 from brainrobust.files import check_writable, exclusive
@@ -51,6 +51,8 @@ def check_run_values(cfg: DictConfig) -> None:
     subject = cfg.subject
     if not is_integer(subject) or not 1 <= subject <= 8:
         raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
+    for key in ("results_dir", "cache_dir", "log_dir"):
+        require_folder(f"paths.{key}", OmegaConf.select(cfg, f"paths.{key}"))
     for key, top in (("subject", "subject"), ("rois", "roi")):
         if key in cfg.data and OmegaConf.select(cfg, f"data.{key}") != cfg[top]:
             raise ConfigError(f"data.{key} follows {top}; set {top}=... instead of data.{key} "
@@ -91,7 +93,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, lo
     try:
         # A copy: Lightning appends its own callbacks (the progress bar) to the list it is given.
         trainer = L.Trainer(callbacks=list(callbacks or []), logger=logger, **kwargs)
-    except (TypeError, ValueError, MisconfigurationException) as err:
+    except (TypeError, ValueError, MisconfigurationException, ImportError) as err:
+        # ImportError: an accelerator whose package is missing (tpu needs torch_xla).
         reason = str(err).splitlines()[0]
         raise ConfigError(f"trainer config: {reason}; see conf/trainer/default.yaml") from None
     relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1

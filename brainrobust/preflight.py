@@ -21,6 +21,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from brainrobust.checks import require_folder
 from brainrobust.errors import ConfigError
 
 # What the user sets for each value that the shipped configs leave mandatory (`???`).
@@ -30,16 +31,34 @@ MANDATORY_HINTS = {
 }
 
 
-def check_overrides(overrides: Sequence[str], conf_dir: str | Path) -> None:
-    """Compose the config once per value of every override; raise ConfigError on a mistake."""
+def check_overrides(overrides: Sequence[str], conf_dir: str | Path, multirun: bool = True) -> None:
+    """Compose the config once per value of every override; raise ConfigError on a mistake.
+    Without `multirun`, a swept value (`subject=1,2`) is one too."""
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException as err:
         raise ConfigError(f"cannot read the command line: {_first_line(err)}") from None
+    swept = next((o for o in parsed if o.is_sweep_override()), None)
+    if swept is not None and not multirun:
+        raise ConfigError(f"'{swept.input_line}' is a sweep: add --multirun to run one job per "
+                          f"value (a list is written [a,b])")
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
         _refuse_new_top_level_keys(parsed)
         for variant in _variants(parsed):
-            _compose(variant)
+            _make_log_dir(_compose(variant))
+
+
+def _make_log_dir(cfg: DictConfig) -> None:
+    """Hydra creates paths.log_dir (its run folder) before the job starts, with a traceback where
+    it cannot: create it here first. A failing job records its error under results_dir."""
+    for key in ("results_dir", "cache_dir", "log_dir"):
+        require_folder(f"paths.{key}", OmegaConf.select(cfg, f"paths.{key}"))
+    folder = cfg.paths.log_dir
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create paths.log_dir={folder} ({err.strerror or err}); "
+                          "point paths.log_dir elsewhere") from None
 
 
 def _refuse_new_top_level_keys(parsed: list[Override]) -> None:
@@ -95,6 +114,10 @@ def _compose(overrides: list[str]) -> DictConfig:
         key = err.full_key
         hint = MANDATORY_HINTS.get(key, "a value")
         raise ConfigError(f"{key} is not set; pass {key}=... ({hint})") from None
+    except ValueError as err:  # Hydra's answer to a group set to null (`roi=null`)
+        nulled = next((o.split("=")[0] for o in overrides if o.endswith("=null")), None)
+        hint = f"{nulled} cannot be null; pass one of its options" if nulled else _first_line(err)
+        raise ConfigError(f"{hint} (python run.py --cfg job shows the config)") from None
     except (HydraException, OmegaConfBaseException) as err:
         unknown = re.match(r"Could not override '([^']+)'", _first_line(err))
         if unknown:

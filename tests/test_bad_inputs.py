@@ -66,6 +66,7 @@ ROWS = [
     (["probe.sensitivity.rois=[PPA]"], ConfigError, "not in this encoder"),
     (["data.batch_size=0"], ConfigError, "data.batch_size must be an integer >= 1"),
     (["data.batch_size=1.5"], ConfigError, "data.batch_size must be an integer >= 1"),
+    (["data.num_workers=-1"], ConfigError, "data.num_workers must be an integer >= 0"),
     (["subject=0"], ConfigError, "subject must be an NSD subject 1-8"),
     (["readout.method=lasso"], ConfigError, "unknown readout.method"),
     (["readout.alphas=[-1.0]"], ConfigError, "alpha"),

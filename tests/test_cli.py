@@ -49,6 +49,11 @@ def _preflight(argv, capsys):
     (["roi=[]"], "no ROI selected; pass roi=FFA"),
     (["+eps=-1"], "adds a top-level key 'eps' that nothing reads"),
     (["++seeds=3"], "did you mean seed?"),
+    (["roi=null"], "roi cannot be null"),
+    (["model=null"], "model cannot be null"),
+    (["subject=1,2"], "'subject=1,2' is a sweep: add --multirun"),
+    (["paths.log_dir=/proc/brainrobust/nope"], "cannot create paths.log_dir"),
+    (["paths.results_dir=null"], "paths.results_dir must be a folder"),
 ])
 def test_config_mistakes_are_one_line_and_exit_2(argv, words, capsys):
     code, err = _preflight(argv, capsys)

@@ -239,10 +239,15 @@ def test_opt_in_download_lands_atomically_and_is_verified(tmp_path, torchvision_
     assert torch.equal(backbone.conv1.weight, torchvision_resnet18.conv1.weight)
 
 
-def test_unreadable_files_are_weights_errors(tmp_path):
-    path = tmp_path / "broken.pth"
-    path.write_bytes(b"\x80\x02not a checkpoint" * 8)
-    with pytest.raises(WeightsError, match="not a readable torch checkpoint"):
+@pytest.mark.parametrize("name,content", [
+    ("broken.pth", b"\x80\x02not a checkpoint" * 8),
+    ("passwd", b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n"),
+    ("model.safetensors", bytes(range(256)) * 2),  # header length far beyond the file
+])
+def test_unreadable_files_are_weights_errors(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match="not a readable"):
         load_state_dict_file(path)
 
 

@@ -44,6 +44,7 @@ class BrainDataModule(L.LightningDataModule):
         if layout not in LOADERS:
             raise ConfigError(f"unknown data.layout {layout!r}; valid: {sorted(LOADERS)}")
         require_integer("data.batch_size", batch_size, 1)
+        require_integer("data.num_workers", num_workers, 0)
         self.root = Path(root)
         self.subject = int(subject)
         self.roi_specs = list(rois.values()) if isinstance(rois, Mapping) else list(rois)
