@@ -299,7 +299,7 @@ def test_other_bad_settings_are_config_errors(setup, tmp_path):
         _probe(attack={**ATTACK, "norm": "linf"})
     with pytest.raises(ConfigError, match="select"):
         _probe(images={"select": "best", "n": 2})
-    with pytest.raises(ConfigError, match="n must be"):
+    with pytest.raises(ConfigError, match=r"^probe\.targeted\.images\.n must be an integer >= 1, got 0$"):
         _probe(images={"select": "top", "n": 0})
     with pytest.raises(ConfigError, match="not in this encoder"):
         _probe(roi="FFA").bind(_context(tmp_path, encoder, images))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from brainrobust import CONF_DIR
+from brainrobust.checks import is_number, require_integer
 from brainrobust.errors import ConfigError
 
 MODEL_DIR_ENV = "BRAINROBUST_MODEL_DIR"
@@ -93,8 +94,10 @@ class ModelSpec:
                 f"{where}: unknown family '{self.family}'; valid: {', '.join(FAMILIES)}"
             )
         parse_pool(self.pool)
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"{where}: mean and std need 3 values each, std > 0")
+        if (len(self.mean) != 3 or len(self.std) != 3
+                or not all(map(is_number, (*self.mean, *self.std))) or min(self.std) <= 0):
+            raise ConfigError(f"{where}: mean and std need 3 finite values each, std > 0")
+        require_integer("model.seed", self.seed, 0)
         if int(self.input_size) != self.input_size or self.input_size < 8:
             raise ConfigError(f"{where}: input_size must be an integer >= 8, got {self.input_size}")
         if self.project_dim is not None and (

@@ -89,7 +89,8 @@ class Probe(L.Callback):
                  force: bool = False):
         if max_images is not None:
             self.check(integers={"max_images": (max_images, 1)})
-        self.rois = list(rois) if rois else None
+        # A single name is one ROI, not a list of its letters.
+        self.rois = ([rois] if isinstance(rois, str) else list(rois)) if rois else None
         self.max_images = max_images
         self.force = force
         self.context: ProbeContext | None = None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from brainrobust.checks import require_integer
 from brainrobust.errors import ConfigError, DataError
 
 SELECT = ("top", "bottom", "first")
@@ -57,18 +58,19 @@ class ImageSelection:
     files: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
-    def parse(cls, spec: Mapping[str, Any] | Sequence[str] | str, probe: str) -> ImageSelection:
-        """Validate a config value (mapping or list of files); ConfigError on anything else."""
+    def parse(cls, spec: Mapping[str, Any] | Sequence[str] | str, key: str) -> ImageSelection:
+        """Validate the config value at `key` (mapping or list of files); ConfigError on anything
+        else."""
         if isinstance(spec, (str, Path)):
             spec = [spec]
         if isinstance(spec, Mapping):
             unknown = sorted(set(spec) - {"select", "n", "by", "files"})
             if unknown:
                 raise ConfigError(
-                    f"{probe}.images: unknown key(s) {unknown}; use select, n, by or files"
+                    f"{key}: unknown key(s) {unknown}; use select, n, by or files"
                 )
             if spec.get("files"):
-                return cls.parse(list(spec["files"]), probe)
+                return cls.parse(list(spec["files"]), key)
             sel = cls(
                 select=str(spec.get("select", "top")),
                 n=spec.get("n", 4),
@@ -76,17 +78,16 @@ class ImageSelection:
             )
             if sel.select not in SELECT:
                 raise ConfigError(
-                    f"{probe}.images.select must be one of {SELECT}, got {sel.select!r}"
+                    f"{key}.select must be one of {SELECT}, got {sel.select!r}"
                 )
             if sel.by not in RANK_BY:
-                raise ConfigError(f"{probe}.images.by must be one of {RANK_BY}, got {sel.by!r}")
-            if not isinstance(sel.n, int) or isinstance(sel.n, bool) or sel.n < 1:
-                raise ConfigError(f"{probe}.images.n must be an integer >= 1, got {sel.n!r}")
+                raise ConfigError(f"{key}.by must be one of {RANK_BY}, got {sel.by!r}")
+            require_integer(f"{key}.n", sel.n, 1)
             return sel
         files = tuple(str(f) for f in spec)
         if not files:
             raise ConfigError(
-                f"{probe}.images: give {{select: top, n: 4}} or a non-empty list of image files"
+                f"{key}: give {{select: top, n: 4}} or a non-empty list of image files"
             )
         return cls(select="files", n=len(files), files=files)
 

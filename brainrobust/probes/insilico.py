@@ -133,7 +133,7 @@ class InSilicoProbe(Probe):
         self.budgets = {norm: [float(e) for e in eps] for norm, eps in budgets.items()}
         self.attack = {norm: pgd_config(_plain(attack), norm) for norm in self.budgets}
         self.images = ImageSelection.parse(_plain(images) or {"select": "first", "n": 8},
-                                           "insilico.images")
+                                           "probe.insilico.images")
         self.mei = dict(_plain(mei) or {})
         unknown = sorted(set(self.mei) - set(MEI_KEYS))
         if unknown:

@@ -239,7 +239,7 @@ class MEIProbe(Probe):
         force: bool = False,
     ):
         super().__init__(rois=rois, max_images=max_images, force=force)
-        self.start = None if start == "noise" else ImageSelection.parse(start, "mei.start")
+        self.start = None if start == "noise" else ImageSelection.parse(start, "probe.mei.start")
         self.check(integers={"seeds": (seeds, 1), "steps": (steps, 1), "batch_size": (batch_size, 1)},
                    above={"lr": (lr, 0)},
                    at_least={"diversity": (diversity, 0), "decay_power": (decay_power, 0)})

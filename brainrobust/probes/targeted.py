@@ -104,7 +104,7 @@ class TargetedProbe(Probe):
         self.eps = validate_schedule(eps_schedule)
         self.attack = pgd_config(attack, norm)
         self.hold = {k: float(w) for k, w in hold.items()}
-        self.images = ImageSelection.parse(images or {"select": "top", "n": 4}, "targeted.images")
+        self.images = ImageSelection.parse(images or {"select": "top", "n": 4}, "probe.targeted.images")
         self.warm_start = warm_start
         self.save_media = save_media
         self.fps = fps
