@@ -1,10 +1,13 @@
 """Tests of values a user sets, shared by every config object, so each key reads the same way:
 `<key> must be an integer >= 1, got 2.5`. Booleans are never numbers here (YAML's `true` would
-otherwise pass as 1)."""
+otherwise pass as 1). Free of torch: run.py's preflight checks every job of a sweep with them
+before the first starts."""
 
 from __future__ import annotations
 
 import math
+
+from omegaconf import DictConfig, OmegaConf
 
 from brainrobust.errors import ConfigError
 
@@ -31,3 +34,21 @@ def require_folder(key: str, value: object) -> None:
 def require_integer(key: str, value: object, minimum: int) -> None:
     if not is_integer(value) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_run_values(cfg: DictConfig) -> None:
+    """The top-level values every run reads, checked before anything is built."""
+    subject = cfg.subject
+    if not is_integer(subject) or not 1 <= subject <= 8:
+        raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
+    for key in ("results_dir", "cache_dir", "log_dir"):
+        require_folder(f"paths.{key}", OmegaConf.select(cfg, f"paths.{key}"))
+    for key, top in (("subject", "subject"), ("rois", "roi")):
+        if key in cfg.data and OmegaConf.select(cfg, f"data.{key}") != cfg[top]:
+            raise ConfigError(f"data.{key} follows {top}; set {top}=... instead of data.{key} "
+                              f"(records are labelled by {top})")
+    seed = cfg.seed
+    # numpy, torch and Lightning all take seeds in [0, 2**32).
+    if not is_integer(seed) or not 0 <= seed < 2**32:
+        shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {shown}")

@@ -57,7 +57,7 @@ def preflight(argv: list[str]) -> bool:
     if args.help or args.hydra_help or args.shell_completion or args.info:
         return False
     try:
-        check_overrides(args.overrides, CONF_DIR, multirun=bool(args.multirun))
+        check_overrides(args.overrides, CONF_DIR, multirun=bool(args.multirun), make_log_dir=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from brainrobust.checks import is_integer, require_folder
+from brainrobust.checks import check_run_values
 from brainrobust.data.datamodule import BrainDataModule
 from brainrobust.errors import ConfigError, Interrupted
 from brainrobust.files import check_writable, exclusive
@@ -44,24 +44,6 @@ log = logging.getLogger(__name__)
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The results key of `cfg` run in this process (see `identity.config_identity`)."""
     return config_identity(OmegaConf.to_container(cfg, resolve=True), torch.cuda.is_available())
-
-
-def check_run_values(cfg: DictConfig) -> None:
-    """The top-level values every run reads, checked before anything is built."""
-    subject = cfg.subject
-    if not is_integer(subject) or not 1 <= subject <= 8:
-        raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
-    for key in ("results_dir", "cache_dir", "log_dir"):
-        require_folder(f"paths.{key}", OmegaConf.select(cfg, f"paths.{key}"))
-    for key, top in (("subject", "subject"), ("rois", "roi")):
-        if key in cfg.data and OmegaConf.select(cfg, f"data.{key}") != cfg[top]:
-            raise ConfigError(f"data.{key} follows {top}; set {top}=... instead of data.{key} "
-                              f"(records are labelled by {top})")
-    seed = cfg.seed
-    # numpy, torch and Lightning all take seeds in [0, 2**32).
-    if not is_integer(seed) or not 0 <= seed < 2**32:
-        shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
-        raise ConfigError(f"seed must be an integer in [0, 2**32), got {shown}")
 
 
 def multirun_job() -> int | None:

@@ -21,7 +21,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from brainrobust.checks import require_folder
+from brainrobust.checks import check_run_values
 from brainrobust.errors import ConfigError
 
 # What the user sets for each value that the shipped configs leave mandatory (`???`).
@@ -31,9 +31,11 @@ MANDATORY_HINTS = {
 }
 
 
-def check_overrides(overrides: Sequence[str], conf_dir: str | Path, multirun: bool = True) -> None:
+def check_overrides(overrides: Sequence[str], conf_dir: str | Path, multirun: bool = True,
+                    make_log_dir: bool = False) -> None:
     """Compose the config once per value of every override; raise ConfigError on a mistake.
-    Without `multirun`, a swept value (`subject=1,2`) is one too."""
+    Without `multirun`, a swept value (`subject=1,2`) is one too. With `make_log_dir` (a job is
+    about to start), paths.log_dir is created."""
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException as err:
@@ -45,14 +47,15 @@ def check_overrides(overrides: Sequence[str], conf_dir: str | Path, multirun: bo
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
         _refuse_new_top_level_keys(parsed)
         for variant in _variants(parsed):
-            _make_log_dir(_compose(variant))
+            cfg = _compose(variant)
+            check_run_values(cfg)
+            if make_log_dir:
+                _make_log_dir(cfg)
 
 
 def _make_log_dir(cfg: DictConfig) -> None:
     """Hydra creates paths.log_dir (its run folder) before the job starts, with a traceback where
-    it cannot: create it here first. A failing job records its error under results_dir."""
-    for key in ("results_dir", "cache_dir", "log_dir"):
-        require_folder(f"paths.{key}", OmegaConf.select(cfg, f"paths.{key}"))
+    it cannot: create it here first."""
     folder = cfg.paths.log_dir
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ def _preflight(argv, capsys):
     (["attack.stpes=5"], "unknown config key 'attack.stpes'; did you mean attack.steps?"),
     (["-m", "model=tiny_cnn_random,resnt18"], "unknown model 'resnt18'; did you mean resnet18"),
     (["--multirun", "subject=1,2", "roi=FFA,PPX"], "unknown roi 'PPX'"),
+    (["--multirun", "subject=1,9"], "subject must be an NSD subject 1-8, got 9"),
     (["model=[oops"], "cannot read the command line"),
     (["roi=[]"], "no ROI selected; pass roi=FFA"),
     (["+eps=-1"], "adds a top-level key 'eps' that nothing reads"),
