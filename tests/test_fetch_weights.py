@@ -149,6 +149,7 @@ def test_a_file_put_there_by_hand_is_trusted_once_then_verified(tmp_path, publis
     (["robust_resnet50_eps33"], "unknown model 'robust_resnet50_eps33' (did you mean"),
     ([], "name the models to fetch (python -m brainrobust models lists them) or pass --all"),
     (["resnet18", "--all"], "or pass --all, not both"),
+    (["resnet18", "--base-url", "notaurl"], "--base-url must be an http:// or https:// address"),
 ])
 def test_mistakes_are_one_line(tmp_path, capsys, argv, words):
     line = one_line_error(capsys, ["fetch", "weights", *argv, "--weights-dir", str(tmp_path)])

@@ -191,6 +191,8 @@ def test_missing_local_override_is_named(tmp_path):
     spec = dataclasses.replace(get_spec("resnet18"), weights=str(tmp_path / "nope.pth"))
     with pytest.raises(WeightsError, match=r"model\.weights=.*nope\.pth does not exist"):
         resolve_weights(spec, tmp_path)
+    with pytest.raises(WeightsError, match=r"model\.weights=.* is a folder, not a file"):
+        resolve_weights(dataclasses.replace(spec, weights=str(tmp_path)), tmp_path)
 
 
 @pytest.mark.parametrize("suffix", ["safetensors", "pth"])

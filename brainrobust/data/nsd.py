@@ -190,7 +190,8 @@ def _roi_columns(masks: dict[str, np.ndarray], flat: np.ndarray, valid: np.ndarr
         cols = column[np.searchsorted(flat, np.flatnonzero(mask))]
         if not (cols >= 0).any():
             raise DataError(f"ROI {name!r} is empty for subject {subject}: all its voxels were "
-                            "dropped as all-zero, constant or NaN; choose another ROI or check the betas files")
+                            "dropped (betas all-zero, constant or NaN in a session, or ncsnr "
+                            "NaN); check the subject's betas and ncsnr files, or choose another ROI")
         out[name] = cols[cols >= 0]
     return out
 

@@ -58,6 +58,8 @@ def fetch_weights(names: Sequence[str], all_models: bool = False,
     if bool(names) == all_models:
         raise ConfigError("name the models to fetch (python -m brainrobust models lists them) "
                           "or pass --all, not both")
+    if base_url and urlsplit(base_url).scheme not in ("http", "https"):
+        raise ConfigError(f"--base-url must be an http:// or https:// address, got {base_url!r}")
     specs = [get_spec(name) for name in (list_models() if all_models else names)]
     folder = Path(weights_dir) if weights_dir is not None else default_weights_dir()
     fetched = []

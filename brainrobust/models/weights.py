@@ -120,10 +120,9 @@ def resolve_weights(
     if spec.weights:
         path = Path(spec.weights).expanduser()
         if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
             raise WeightsError(
-                f"model.weights={spec.weights} does not exist; "
-                "fix the path or set model.weights=null"
-            )
+                f"model.weights={spec.weights} {what}; fix the path or set model.weights=null")
         return path
     if spec.filename is None:
         return None
