@@ -101,8 +101,10 @@ def _probe(**kw):
 def test_drives_roi_monotonically_to_the_linear_optimum(setup, direction, warm_start):
     encoder, images, w = setup
     x = images[:3]
-    delta = _probe(direction=direction, warm_start=warm_start).trajectory(encoder, x)
+    delta, converged = _probe(direction=direction, warm_start=warm_start).trajectory(encoder, x)
     assert delta.shape == (len(SCHEDULE), 3, 3, S, S)
+    # Each eps's attack reaches the ball's edge in a third of its steps and stays: converged.
+    assert converged.shape == (len(SCHEDULE), 3) and bool(converged.all())
     with torch.no_grad():
         change = torch.stack(
             [encoder.roi_response(x + d, "A") - encoder.roi_response(x, "A") for d in delta]
@@ -124,7 +126,7 @@ def test_linf_schedule_reaches_eps_times_l1_norm(setup):
     encoder, images, w = setup
     x = images[:2]
     schedule = [1 / 255, 2 / 255, 4 / 255]
-    delta = _probe(norm="linf", eps_schedule=schedule).trajectory(encoder, x)
+    delta, _ = _probe(norm="linf", eps_schedule=schedule).trajectory(encoder, x)
     with torch.no_grad():
         change = torch.stack(
             [encoder.roi_response(x + d, "A") - encoder.roi_response(x, "A") for d in delta]
@@ -140,7 +142,7 @@ def test_held_roi_stays_within_tolerance(setup):
     x = images[:3]
 
     def changes(hold):
-        delta = _probe(hold=hold).trajectory(encoder, x)
+        delta, _ = _probe(hold=hold).trajectory(encoder, x)
         with torch.no_grad():
             return {
                 roi: torch.stack(
@@ -179,11 +181,15 @@ def test_run_writes_records_arrays_and_media(setup, tmp_path):
         "linf",
         "psnr",
         "ssim",
+        "converged",
     }
     resp = back[back.metric == "response_change"]
     assert set(resp.roi) == {"A", "B", "C"} and sorted(resp.eps.unique()) == [0.0, *SCHEDULE]
-    # Two images x (start + 4 eps) x 3 ROIs x 3 response metrics + 2 x 4 eps x 4 perceptual.
-    assert len(back) == 2 * 5 * 3 * 3 + 2 * 4 * 4
+    # Two images x (start + 4 eps) x 3 ROIs x 3 response metrics + 2 x 4 eps x (4 perceptual
+    # measures + the attack's convergence flag).
+    assert len(back) == 2 * 5 * 3 * 3 + 2 * 4 * 5
+    flags = back[back.metric == "converged"]
+    assert sorted(flags.eps.unique()) == SCHEDULE and set(flags.value) <= {0.0, 1.0}
     drive = resp[resp.roi == "A"].groupby("eps")["value"].mean()
     assert drive.is_monotonic_increasing and drive.iloc[0] == 0
     sd = (
@@ -201,6 +207,9 @@ def test_run_writes_records_arrays_and_media(setup, tmp_path):
     arrays = ctx.store.load_array("targeted_A_increase")
     assert arrays["images"].shape == (2, 5, 3, S, S) and arrays["images"].dtype == np.float16
     assert arrays["delta"].shape == (2, 4, 3, S, S) and arrays["responses"].shape == (2, 5, 3)
+    np.testing.assert_array_equal(
+        arrays["converged"],
+        flags.pivot(index="image_id", columns="eps", values="value").loc[arrays["image_id"]].values)
     assert list(arrays["rois"]) == ["A", "B", "C"] and str(arrays["driven_roi"]) == "A"
     assert arrays["test_sd"].tolist() == [0.5, 0.5, 0.5]
     # top-2 by the model's own prediction of A

@@ -117,17 +117,19 @@ class TargetedProbe(Probe):
 
     def trajectory(
         self, encoder: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Perturbations (E, B, 3, S, S) of images x (B, 3, S, S), one per eps of the schedule."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Perturbations (E, B, 3, S, S) of images x (B, 3, S, S), one per eps of the schedule,
+        and the attack's convergence flag (E, B) for each (`AttackResult.converged`)."""
         runtime = AttackRuntime.auto(x.device, compile=self.compile, amp=self.amp)
         if not self.warm_start:
             xe, eps_e, _ = expand_ladder(x, self.eps.tolist())
             ladder_objective = make_objective(encoder, self.roi, self.direction, xe, self.hold)
-            delta = pgd(ladder_objective, xe, eps_e, self.attack, generator=generator,
-                        runtime=runtime).delta
-            return delta.view(len(self.eps), *x.shape)
+            result = pgd(ladder_objective, xe, eps_e, self.attack, generator=generator,
+                         runtime=runtime)
+            return (result.delta.view(len(self.eps), *x.shape),
+                    result.converged.view(len(self.eps), len(x)))
         objective = make_objective(encoder, self.roi, self.direction, x, self.hold)
-        deltas = []
+        deltas, converged = [], []
         prev = torch.zeros_like(x)
         for eps in self.eps.tolist():
             # x + prev can overshoot 1 by a rounding ulp, which pgd would refuse.
@@ -143,7 +145,8 @@ class TargetedProbe(Probe):
             budget = torch.full_like(x[:, :1, :1, :1], eps)
             prev = clamp_to_box(x, project(start + step - x, budget, self.attack.norm))
             deltas.append(prev)
-        return torch.stack(deltas)
+            converged.append(result.converged)
+        return torch.stack(deltas), torch.stack(converged)
 
     def run(self, encoder: torch.nn.Module, ctx: ProbeContext) -> pd.DataFrame:
         test_images, test_ids = self.selected_images(ctx)
@@ -157,11 +160,13 @@ class TargetedProbe(Probe):
         )
         rois = list(ctx.rois)
         generator = ctx.generator()
-        frames, deltas, responses = [], [], []
+        frames, deltas, responses, flags = [], [], [], []
 
         def drive(start: int, stop: int) -> None:
             x = x0[start:stop]
-            delta = self.trajectory(encoder, x, generator).detach()
+            delta, converged = self.trajectory(encoder, x, generator)
+            delta = delta.detach()
+            flags.append(converged.transpose(0, 1).cpu())
             traj = torch.cat([x[None], x[None] + delta])  # (E + 1, B, 3, S, S), frame 0 the start
             with torch.no_grad():
                 pred = encoder(traj.flatten(0, 1))
@@ -179,6 +184,8 @@ class TargetedProbe(Probe):
             "eps": np.concatenate([[0.0], self.eps.numpy()]),
             "image_id": np.asarray(ids, dtype=np.int64),
             "responses": torch.cat(responses).double().numpy(),
+            # The attack's convergence report per image and eps of the schedule (1.0 / 0.0).
+            "converged": torch.cat(flags).float().numpy(),
             "rois": np.array(rois),
             # Measured test-set SD per ROI: figures can show changes in SD units.
             "test_sd": np.array([ctx.roi_stats.get(r, {}).get("test_sd", np.nan) for r in rois]),
@@ -231,7 +238,8 @@ class TargetedProbe(Probe):
         image_idx, eps_idx = (
             g.ravel() for g in np.meshgrid(np.arange(n), np.arange(1, t), indexing="ij")
         )
-        for metric in PERCEPTUAL:
+        measures["converged"] = torch.as_tensor(arrays["converged"]).flatten()
+        for metric in (*PERCEPTUAL, "converged"):
             frames.append(
                 pd.DataFrame(
                     {
