@@ -1,6 +1,8 @@
 """Targeted probe on the known-answer linear encoder: direction, monotonicity, held ROIs,
 budgets, records, arrays and media, start-image selection and bad input."""
 
+from pathlib import Path
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 from helpers import LinearEncoder
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from brainrobust.errors import ConfigError, DataError
@@ -158,6 +161,24 @@ def test_held_roi_stays_within_tolerance(setup):
     assert torch.all(held["A"][1:] > held["A"][:-1])
     # The best A can do with B fixed is eps * sqrt(1 - 0.7^2).
     assert torch.all(held["A"] >= 0.95 * np.sqrt(1 - 0.49) * torch.tensor(SCHEDULE)[:, None])
+
+
+@pytest.mark.parametrize("weight", [2.0, 20.0])
+def test_shipped_attack_resolves_a_strong_hold(weight):
+    # ROI C reads what A reads, so decreasing A by t costs weight * t^2: the objective
+    # -t - weight t^2 peaks at t = -1 / (2 weight) with value 1 / (4 weight), inside every budget
+    # of the schedule. A fixed step of 0.1 eps overshoots that peak and stalls at 98% (w = 20).
+    g = torch.Generator().manual_seed(3)
+    w_a = _unit(torch.randn(D, generator=g)).double()
+    W = torch.stack([w_a, w_a])
+    encoder = ExactLinearEncoder(W.float(), {"A": [0], "C": [1]}, b=-(W.sum(1) * 0.5).float()).eval()
+    x = 0.5 + 0.05 * (2 * torch.rand(3, 3, S, S, generator=g) - 1)
+    conf = Path(__file__).resolve().parents[1] / "conf" / "probe" / "targeted.yaml"
+    attack = OmegaConf.to_container(OmegaConf.load(conf).targeted.attack)
+    probe = _probe(direction="decrease", hold={"C": weight}, attack=attack)
+    delta, _ = probe.trajectory(encoder, x)
+    t = delta.double().flatten(2) @ w_a  # (E, B): the change of A (and of C)
+    assert ((-t - weight * t**2) >= 0.99 / (4 * weight)).all(), (-t - weight * t**2) * 4 * weight
 
 
 def test_run_writes_records_arrays_and_media(setup, tmp_path):
