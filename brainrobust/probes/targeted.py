@@ -38,7 +38,7 @@ from brainrobust.probes.attack import (
     pgd,
     pgd_config,
     project,
-    validate_ladder,
+    validate_eps,
 )
 from brainrobust.probes.base import Probe, ProbeContext
 from brainrobust.probes.chunks import in_batches
@@ -54,7 +54,7 @@ def validate_schedule(eps_schedule: Sequence[float]) -> torch.Tensor:
     """A strictly increasing list of finite budgets > 0, as float64; ConfigError otherwise."""
     if isinstance(eps_schedule, (int, float, str)) or eps_schedule is None:
         raise ConfigError(f"targeted.eps_schedule must be a list of budgets, got {eps_schedule!r}")
-    values = validate_ladder(list(eps_schedule))
+    values = validate_eps(list(eps_schedule))  # strictly increasing below: no repeats either
     if len(values) > 1 and not bool((values[1:] > values[:-1]).all()):
         raise ConfigError(
             f"targeted.eps_schedule must be strictly increasing, got {values.tolist()}"
