@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from brainrobust.errors import ConfigError
 
+_ABSENT = object()
+
 
 def is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -41,8 +43,13 @@ def check_run_values(cfg: DictConfig) -> None:
     subject = cfg.subject
     if not is_integer(subject) or not 1 <= subject <= 8:
         raise ConfigError(f"subject must be an NSD subject 1-8, got {subject!r}")
-    for key in ("results_dir", "cache_dir", "log_dir"):
-        require_folder(f"paths.{key}", OmegaConf.select(cfg, f"paths.{key}"))
+    # An empty folder name would read and write the current directory. data.cache_dir=null
+    # (no response cache) is a choice.
+    for key in ("paths.results_dir", "paths.cache_dir", "paths.log_dir", "data.root",
+                "data.cache_dir"):
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not (key == "data.cache_dir" and value is None):
+            require_folder(key, value)
     for key, top in (("subject", "subject"), ("rois", "roi")):
         if key in cfg.data and OmegaConf.select(cfg, f"data.{key}") != cfg[top]:
             raise ConfigError(f"data.{key} follows {top}; set {top}=... instead of data.{key} "

@@ -31,6 +31,10 @@ MANDATORY_HINTS = {
 }
 
 
+# Top-level groups a run can do without: the CSV logger, the experiment preset.
+DELETABLE = ("logger", "experiment")
+
+
 def check_overrides(overrides: Sequence[str], conf_dir: str | Path, multirun: bool = True,
                     make_log_dir: bool = False) -> None:
     """Compose the config once per value of every override; raise ConfigError on a mistake.
@@ -46,6 +50,7 @@ def check_overrides(overrides: Sequence[str], conf_dir: str | Path, multirun: bo
                           f"value (a list is written [a,b])")
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
         _refuse_new_top_level_keys(parsed)
+        _refuse_deleting_what_runs_read(parsed)
         for variant in _variants(parsed):
             cfg = _compose(variant)
             check_run_values(cfg)
@@ -79,6 +84,16 @@ def _refuse_new_top_level_keys(parsed: list[Override]) -> None:
             hint = f"did you mean {' or '.join(near)}? " if near else ""
             raise ConfigError(f"'{override.input_line}' adds a top-level key '{key}' that nothing "
                               f"reads; {hint}python run.py --cfg job lists the keys")
+
+
+def _refuse_deleting_what_runs_read(parsed: list[Override]) -> None:
+    """`~model` or `~seed` would remove a group or value every run reads, and fail later with an
+    error about some other key."""
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() and "." not in key and key not in DELETABLE:
+            raise ConfigError(f"'{override.input_line}' removes {key}, which every run reads; "
+                              f"set it instead ({key}=...)")
 
 
 def _values(override: Override) -> list[str] | None:

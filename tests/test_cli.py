@@ -55,6 +55,11 @@ def _preflight(argv, capsys):
     (["subject=1,2"], "'subject=1,2' is a sweep: add --multirun"),
     (["paths.log_dir=/proc/brainrobust/nope"], "cannot create paths.log_dir"),
     (["paths.results_dir=null"], "paths.results_dir must be a folder"),
+    (["data.root="], "data.root must be a folder, got ''"),
+    (["~model"], "'~model' removes model, which every run reads; set it instead (model=...)"),
+    (["~seed"], "'~seed' removes seed, which every run reads"),
+    (["data=nsd", "data.root=null"], "data.root must be a folder, got None"),
+    (["data.cache_dir="], "data.cache_dir must be a folder, got ''"),
 ])
 def test_config_mistakes_are_one_line_and_exit_2(argv, words, capsys):
     code, err = _preflight(argv, capsys)
@@ -65,7 +70,8 @@ def test_config_mistakes_are_one_line_and_exit_2(argv, words, capsys):
 
 @pytest.mark.parametrize("argv", [[], ["model=resnet50", "roi=[FFA,PPA]"],
                                   ["-m", "model=resnet18_random,tiny_cnn_random", "subject=1,2"],
-                                  ["--cfg", "job"], ["experiment=sensitivity"], ["-m", "model=glob(*)"]])
+                                  ["--cfg", "job"], ["experiment=sensitivity"], ["-m", "model=glob(*)"],
+                                  ["data.cache_dir=null"], ["~logger"]])
 def test_valid_command_lines_pass_the_preflight(argv, capsys):
     assert _preflight(argv, capsys) == ("-m" in argv, "")
 

@@ -140,6 +140,7 @@ def test_truncated_or_corrupted_files_are_fetched_again(tmp_path, twin, server):
     (["--subjects", "9"], "unknown subject 9"),
     (["--roi-only", "FFX"], "unknown ROI 'FFX'"),
     (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--sessions", "99"], "--sessions must be <= 40 (NSD's most sessions per subject), got 99"),
     (["--sessions"], "expected one argument"),
 ])
 def test_mistakes_are_one_line(tmp_path, server, capsys, extra, words):

@@ -410,6 +410,19 @@ def test_subjects_without_files_use_fallback_sessions(tiny, caplog):
     np.testing.assert_array_equal(ids, truth.test_ids)
 
 
+@pytest.mark.parametrize("text", ["[2, 2]", "nope", '{"1": 2}', "[2, 2, 2, 2, 2, 2, 2, -1]",
+                                  "[2, 2, 2, 2, 2, 2, 2, 1.5]", "[true, 2, 2, 2, 2, 2, 2, 2]"])
+def test_a_malformed_twin_session_record_names_the_file_and_the_fix(tiny, text):
+    """A wrong record would silently change which trials form the test set."""
+    root, _ = tiny
+    (root / TWIN_SESSIONS).write_text(text)
+    with pytest.raises(DataError, match=rf"{TWIN_SESSIONS} \(expected a JSON list of 8 integer "
+                                        r"session counts >= 1, .*delete the twin's folder"):
+        NSDLoader(root)
+    with pytest.raises(ConfigError, match="sessions_fallback needs 8 integer counts >= 1"):
+        NSDLoader(root, sessions_fallback=[2] * 7 + [0])
+
+
 def test_zero_constant_and_nan_voxels_are_dropped_and_counted(tiny, caplog):
     root, truth = tiny
     clean = NSDLoader(root).load(1, "FFA", "test")

@@ -75,6 +75,13 @@ class Design:
         return (self.subjectim[subject - 1, order - 1] - 1).astype(np.int64)
 
 
+def _session_counts(counts: object) -> bool:
+    """Whether `counts` is one completed-session count (an int >= 1, not a bool) per subject."""
+    return (isinstance(counts, Sequence) and not isinstance(counts, str)
+            and len(counts) == N_SUBJECTS
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts))
+
+
 def read_design(path: Path) -> Design:
     """Read and check nsd_expdesign.mat."""
     stat_file(path, NSD_ROOT)
@@ -158,23 +165,29 @@ class NSDLayout:
     def __init__(self, root: str | os.PathLike,
                  sessions_fallback: Sequence[int] | None = None):
         self.root = check_root(Path(root).expanduser(), "NSD", NSD_ROOT)
-        counts = self._recorded_sessions() if sessions_fallback is None else sessions_fallback
-        if len(counts) != N_SUBJECTS:
-            raise ConfigError(f"sessions_fallback needs {N_SUBJECTS} counts, got {list(counts)}")
-        self.sessions_fallback = tuple(int(n) for n in counts)
+        if sessions_fallback is None:
+            self.sessions_fallback = self._recorded_sessions()
+        elif not _session_counts(sessions_fallback):
+            raise ConfigError(f"sessions_fallback needs {N_SUBJECTS} integer counts >= 1, "
+                              f"got {sessions_fallback!r}")
+        else:
+            self.sessions_fallback = tuple(sessions_fallback)
         self._design: Design | None = None
         self._warned: set[int] = set()
 
-    def _recorded_sessions(self) -> Sequence[int]:
+    def _recorded_sessions(self) -> tuple[int, ...]:
         path = self.root / TWIN_SESSIONS
         if not is_file(path, NSD_ROOT):
             return NSD_SESSIONS
         try:
             counts = json.loads(path.read_text())
-            return [int(n) for n in counts]
-        except (OSError, ValueError, TypeError) as exc:
-            raise DataError(f"cannot read {path} ({exc}): expected a JSON list of 8 session "
-                            "counts; delete the twin to have it rewritten") from None
+        except (OSError, ValueError) as exc:
+            counts = exc
+        if not _session_counts(counts):
+            raise DataError(f"cannot read {path} (expected a JSON list of {N_SUBJECTS} integer "
+                            f"session counts >= 1, got {counts!s:.60}); delete the twin's folder "
+                            "to have it rewritten") from None
+        return tuple(counts)
 
     # ---- paths -------------------------------------------------------------------------
     @property

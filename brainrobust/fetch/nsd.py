@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from brainrobust.data import nsd
+from brainrobust.data.nsd_files import NSD_SESSIONS
 from brainrobust.data.rois import as_roi_specs, builtin_names, builtin_roi, read_ctab
 from brainrobust.errors import ConfigError, DataError
 from brainrobust.fetch import remote as roi_only_fetch
@@ -212,6 +213,9 @@ def fetch_nsd(root: str | os.PathLike, subjects: Sequence[int], sessions: int | 
     for flag, value in (("--sessions", sessions), ("--jobs", jobs)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if sessions is not None and sessions > max(NSD_SESSIONS):
+        raise ConfigError(f"--sessions must be <= {max(NSD_SESSIONS)} (NSD's most sessions per "
+                          f"subject), got {sessions}")
     specs = as_roi_specs(list(roi_only)) if roi_only else []
     print(f"{TERMS} (agreed with --accept-terms)")
     root = Path(root).expanduser()
