@@ -31,8 +31,9 @@ PGDL2: alpha 0.2 eps, 400 steps (a fixed step makes N steps the first N of a lon
 is the sweep's answer read in one run); torchattacks APGD: 100 steps.
 
 `--schedules 100x2,200x1,...` instead reports, for Auto-PGD at each fixed schedule (steps x
-restarts, optionally cN: N screened candidates per restart, e.g. 100x2c4), the quality reached and
-the share of images the convergence report calls converged.
+restarts, optionally cK: K screened candidates per restart, and mM: up to M restarts while some
+image's best is unconfirmed, e.g. 100x2c4m4), the restarts run (mean per image), the quality
+reached and the share of images the convergence report calls converged.
 
 The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for ResNet-18):
 
@@ -48,6 +49,7 @@ The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for R
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +66,8 @@ from brainrobust.probes.objectives import make_objective
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
 # (encoder, objective, images, eps, steps) -> adversarial images
 Attack = Callable[[nn.Module, Callable[[Tensor], Tensor], Tensor, float, int], Tensor]
-# budget N -> gradient steps per image
-Cost = Callable[[int], int]
+# budget N -> gradient steps per image (a mean over images where restarts vary)
+Cost = Callable[[int], float]
 
 
 def smooth_images(n: int, size: int, seed: int = 1) -> Tensor:
@@ -115,15 +117,20 @@ class ObjectiveAsLogits(nn.Module):
 
 
 def ours(attack_config: str, **changes) -> tuple[Attack, Cost]:
-    """An attack of conf/attack/ at budget N, with `changes`."""
+    """An attack of conf/attack/ at budget N, with `changes`. Its cost counts the restarts the
+    last run made per image (max_restarts lets the attack add some where they disagree)."""
     settings = OmegaConf.to_container(OmegaConf.load(CONF / f"{attack_config}.yaml"))
     settings = {k: v for k, v in settings.items() if k not in ("_target_", "norm", "steps")}
     settings.update(changes)
+    last = {}
 
     def run(encoder, objective, x, eps, steps):
         cfg = PGDConfig(norm="l2", steps=steps, **settings)
-        return x + pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3)).delta
-    return run, lambda steps: pgd_steps({**settings, "steps": steps})
+        result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3))
+        last["restarts"] = float(result.restarts.double().mean())
+        return x + result.delta
+    return run, lambda steps: last["restarts"] * pgd_steps({**settings, "steps": steps,
+                                                            "restarts": 1, "max_restarts": None})
 
 
 def torchattacks_pgdl2(alpha: Callable[[float, int], float]) -> tuple[Attack, Cost]:
@@ -171,7 +178,7 @@ def main() -> None:
     grid = [int(n) for n in args.grid.split(",")]
     attacks = {
         "brainrobust default (conf/attack/apgd.yaml)": ours("apgd"),
-        "brainrobust apgd, 1 restart (4 candidates)": ours("apgd", restarts=1),
+        "brainrobust apgd, 1 restart (4 candidates)": ours("apgd", restarts=1, max_restarts=None),
         "torchattacks PGDL2 (alpha 0.2 eps, its default)": torchattacks_pgdl2(lambda e, n: 0.2 * e),
         "torchattacks PGDL2 (alpha 2.5 eps / N)": torchattacks_pgdl2(lambda e, n: 2.5 * e / n),
         "torchattacks APGD (L2, best loss)": torchattacks_apgd(),
@@ -183,8 +190,8 @@ def main() -> None:
         print("\n| encoder | objective | attack (one run) | image-steps to quality | CPU s | "
               "quality at the end |\n|---|---|---|--:|--:|--:|")
     elif args.schedules:
-        print("\n| encoder | objective | steps x restarts | quality (mean / min) | converged |\n"
-              "|---|---|---|--:|--:|")
+        print("\n| encoder | objective | steps x restarts | restarts run (mean) | quality (mean / min) | "
+              "converged |\n|---|---|---|--:|--:|--:|")
     else:
         print("\n| encoder | objective | attack | N | image-steps | CPU s | quality (mean / min) |\n"
               "|---|---|---|--:|--:|--:|--:|")
@@ -230,14 +237,14 @@ def _trajectories(model, kind, encoder, objective, x, args, reference) -> str:
 def _schedules(model, kind, schedules, objective, x, eps, reference) -> str:
     rows = []
     for schedule in schedules.split(","):
-        steps, rest = schedule.split("x")
-        restarts, _, candidates = rest.partition("c")
+        steps, restarts, candidates, most = re.fullmatch(r"(\d+)x(\d+)(?:c(\d+))?(?:m(\d+))?",
+                                                         schedule).groups()
         cfg = PGDConfig(method="apgd", norm="l2", steps=int(steps), restarts=int(restarts),
-                        candidates=int(candidates or 1))
+                        candidates=int(candidates or 1), max_restarts=int(most or restarts))
         result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3))
         ratio = result.objective / reference
-        rows.append(f"| {model} | {kind} | {schedule} | {ratio.mean():.4f} / {ratio.min():.4f} | "
-                    f"{result.converged.mean():.2f} |")
+        rows.append(f"| {model} | {kind} | {schedule} | {result.restarts.double().mean():.2f} | "
+                    f"{ratio.mean():.4f} / {ratio.min():.4f} | {result.converged.mean():.2f} |")
     return "\n".join(rows)
 
 
@@ -252,7 +259,7 @@ def _time_to_quality(model, kind, label, attack, cost, encoder, objective, x, ar
         if ratio.mean() >= args.quality:
             break
     reached = "" if ratio.mean() >= args.quality else " (not reached)"
-    return (f"| {model} | {kind} | {label} | {steps}{reached} | {cost(steps) * len(x)} | "
+    return (f"| {model} | {kind} | {label} | {steps}{reached} | {round(cost(steps) * len(x))} | "
             f"{cpu:.1f} | {ratio.mean():.4f} / {ratio.min():.4f} |")
 
 

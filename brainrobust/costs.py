@@ -78,10 +78,12 @@ class Job:
 # ---- the probes' work ----------------------------------------------------------------------
 
 def pgd_steps(attack: dict[str, Any]) -> int:
-    """Gradient steps per image: each restart's candidates' short runs, then its own steps."""
+    """Gradient steps per image, at most: each restart's candidates' short runs, then its own
+    steps, for every restart max_restarts allows."""
     steps, candidates = int(attack["steps"]), int(attack.get("candidates", 1))
     short = max(round(float(attack.get("candidate_fraction", 0.1)) * steps), 1)
-    return (steps + (candidates * short if candidates > 1 else 0)) * int(attack["restarts"])
+    restarts = attack.get("max_restarts") or attack["restarts"]
+    return (steps + (candidates * short if candidates > 1 else 0)) * int(restarts)
 
 
 def sensitivity_work(p: dict[str, Any], job: Job) -> Work:
@@ -217,6 +219,11 @@ def probe_work(name: str, p: dict[str, Any], job: Job) -> Work:
                           "brainrobust/costs.py")
     try:
         work = PROBES[target](p, job)
+        attack = p.get("attack") or {}
+        if (attack.get("max_restarts") or 0) > attack.get("restarts", 1):
+            job.notes.add(f"probe.{name}'s attack counted at max_restarts="
+                          f"{attack['max_restarts']} (it stops at restarts={attack['restarts']} "
+                          "where every image's best is confirmed)")
         if not (target == SENSITIVITY and p["amp"]):
             job.notes.add(f"probe.{name} runs in fp32: counted at the measured bf16 rates, so it "
                           "will take longer")

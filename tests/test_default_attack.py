@@ -16,6 +16,7 @@ the returned delta is recomputed in float64, so the encoder's own rounding plays
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -197,7 +198,7 @@ def test_effect_matched_eps_is_within_half_a_percent(tmp_path):
     # The final bracket is recorded; the stored delta (at its upper end) reaches the effect.
     assert (out["eps_lo"] < out["eps_found"]).all() and (out["eps_hi"] == out["eps_found"]).all()
     assert (out["effect"] >= effect).all()
-    assert {"conv_gain", "conv_spread", "converged"} <= set(out.columns)
+    assert {"conv_gain", "conv_spread", "converged", "restarts"} <= set(out.columns)
 
 
 # --- the convergence report ----------------------------------------------------------------------
@@ -221,6 +222,7 @@ def test_sensitivity_records_carry_the_convergence_report(tmp_path):
         assert (wide["conv_gain"].abs() <= cfg.conv_gain_max).all()
         # With one restart there is no spread to judge: NaN, honestly.
         assert wide["conv_spread"].isna().all() == (restarts == 1)
+        assert (wide["restarts"] == restarts).all()  # no max_restarts: none added
 
 
 def test_the_flag_catches_the_short_fixed_step_pgd():
@@ -241,10 +243,51 @@ def test_spread_and_flag_follow_their_definitions():
     g = torch.Generator().manual_seed(3)  # the same stream, one restart per call
     single = PGDConfig(**{**cfg.__dict__, "restarts": 1})
     values = torch.stack([pgd(objective, x, 0.5, single, generator=g).objective for _ in range(3)])
-    spread = (values.amax(0) - values.amin(0)) / values.amax(0)
+    top2 = values.topk(2, dim=0).values  # the best and the runner-up per image
+    spread = (top2[0] - top2[1]) / top2[0]
     torch.testing.assert_close(best.conv_spread, spread)
     expected = (best.conv_gain <= 0.5) & (spread <= 1e-3)
     assert torch.equal(best.converged, expected.float())
+
+
+@pytest.mark.parametrize("spread_max, expected_restarts", [(1e-9, 5), (0.5, 2)])
+def test_restarts_are_added_until_every_best_is_confirmed(spread_max, expected_restarts):
+    """Through an objective without `rows` (the whole batch restarts), from the same stream."""
+    encoder, _ = planted(voxels=6, features=6)
+    x = near_grey(5)
+    objective = make_objective(encoder, "all", "pattern", x)
+    cfg = PGDConfig(method="apgd", steps=6, restarts=2, max_restarts=5, conv_spread_max=spread_max)
+    result = pgd(lambda images: objective(images), x, 0.5, cfg,
+                 generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same stream, one restart per call
+    single = PGDConfig(**{**cfg.__dict__, "restarts": 1, "max_restarts": None})
+    values = [pgd(objective, x, 0.5, single, generator=g).objective for _ in range(5)]
+    for k in range(2, 6):  # the first count at which every image's runner-up confirms its best
+        top2 = torch.stack(values[:k]).topk(2, dim=0).values
+        if ((top2[0] - top2[1]) / top2[0] <= spread_max).all():
+            break
+    assert result.restarts.tolist() == [k] * 5 and k == expected_restarts
+    torch.testing.assert_close(result.objective, torch.stack(values[:k]).amax(0))
+
+
+def test_only_the_unconfirmed_images_restart():
+    encoder, _ = planted(voxels=6, features=6)
+    x = near_grey(8)
+    objective = make_objective(encoder, "all", "pattern", x)
+    two = PGDConfig(method="apgd", steps=6, restarts=2, conv_spread_max=2e-3)
+    first = pgd(objective, x, 0.5, two, generator=torch.Generator().manual_seed(3))
+    unconfirmed = ~(first.conv_spread <= 2e-3)
+    assert 0 < unconfirmed.sum() < len(x)  # the case this test is about
+    more = pgd(objective, x, 0.5, replace(two, max_restarts=6),
+               generator=torch.Generator().manual_seed(3))
+    assert (more.restarts[~unconfirmed] == 2).all() and (more.restarts[unconfirmed] > 2).all()
+    for name in ("delta", "objective", "conv_spread"):  # the confirmed rows are untouched
+        torch.testing.assert_close(getattr(more, name)[~unconfirmed],
+                                   getattr(first, name)[~unconfirmed])
+    assert (more.objective >= first.objective).all()
+    assert ((more.conv_spread <= 2e-3) | (more.restarts == 6)).all()
+    with torch.no_grad():  # each image's value is that of its own returned delta
+        torch.testing.assert_close(objective(x + more.delta), more.objective)
 
 
 # --- Auto-PGD's mechanics ------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_sensitivity_counts_rows_times_steps(tmp_path):
     ("attack.steps=2000", 100, 1),
     ("attack.restarts=3", 3, 1),
     ("attack=pgd_strong", 25, 1),  # 100 steps x 5 restarts
-    ("attack=apgd", 14, 1),  # (4 candidates x 10 steps + 100 steps) x 2 restarts
+    ("attack=apgd", 28, 1),  # (4 candidates x 10 steps + 100 steps) x at most 4 restarts
     ("epsilon=l2_small", 0.5, 0.5),  # 3 budgets instead of 6
     ("probe.sensitivity.max_images=8", 0.1, 0.1),
     ("probe.sensitivity.random_draws=8", 1, 10 / 6),
@@ -63,6 +63,13 @@ def test_sensitivity_follows_its_settings(tmp_path, override, steps, forwards):
     assert after["image_steps"] == pytest.approx(steps * before["image_steps"])
     assert after["forwards"] == pytest.approx(forwards * before["forwards"])
     assert after["hours"] / before["hours"] == pytest.approx(steps, rel=0.1)
+
+
+def test_an_attack_that_may_add_restarts_is_counted_at_its_most(tmp_path):
+    out = one_job(tmp_path, "attack=apgd")
+    assert ("probe.sensitivity's attack counted at max_restarts=4 (it stops at restarts=2 where "
+            "every image's best is confirmed)") in out["notes"]
+    assert not any("max_restarts" in note for note in one_job(tmp_path)["notes"])
 
 
 def test_probe_rois_narrow_the_encoders(tmp_path):

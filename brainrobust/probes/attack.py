@@ -74,8 +74,9 @@ class AttackResult:
         start: a random point, or the best candidate's point with `candidates` > 1).
     conv_gain : (N,) relative gain of the best objective over the last `conv_window` of the
         steps, in the restart that won.
-    conv_spread : (N,) (best - worst) / |best| of the restarts' values; NaN with one restart.
+    conv_spread : (N,) (best - runner-up) / |best| of the restarts' values; NaN with one restart.
     converged : (N,) 1.0 where conv_gain and conv_spread are within the config's limits, else 0.0.
+    restarts : (N,) int64, restarts run for each sample (cfg.restarts up to cfg.max_restarts).
     """
 
     delta: Tensor
@@ -85,6 +86,7 @@ class AttackResult:
     conv_gain: Tensor
     conv_spread: Tensor
     converged: Tensor
+    restarts: Tensor
 
 
 def pgd_config(attack: PGDConfig | Mapping[str, Any] | None, norm: str | None = None) -> PGDConfig:
@@ -196,16 +198,24 @@ def pgd(
     fn = runtime.wrap(objective_fn)
     eps_b = eps.view(-1, *([1] * (x.dim() - 1)))
 
-    runs = []
     with torch.enable_grad():
-        for _ in range(cfg.restarts):
-            start = _screened_start(fn, x, eps_b, cfg, generator, runtime)
-            run = ascend(fn, x, eps_b, cfg, generator, runtime, start=start)
-            if runtime.amp_dtype is not None:
-                with torch.no_grad():
-                    run.objective = objective_fn(x + run.delta).to(x.dtype)
-            runs.append(run)
-    best, spread = _best_of(runs, eps_b)
+        runs = [_restart(objective_fn, fn, x, eps_b, cfg, generator, runtime)
+                for _ in range(cfg.restarts)]
+        best, spread = _best_of(runs, eps_b)
+        restarts = torch.full_like(best.steps_used, cfg.restarts)
+        # Further restarts for the images whose best is unconfirmed: one host sync each, none
+        # inside the step loop. An objective without `rows` restarts the whole batch.
+        while True:
+            unconfirmed = ~(spread <= cfg.conv_spread_max) & (restarts < cfg.restart_limit)
+            if not unconfirmed.any():
+                break
+            rows = (unconfirmed.nonzero().squeeze(1) if hasattr(objective_fn, "rows")
+                    else torch.arange(len(x), device=x.device))
+            sub = objective_fn.rows(rows) if hasattr(objective_fn, "rows") else objective_fn
+            run = _restart(sub, runtime.wrap(sub), x[rows], eps_b[rows], cfg, generator, runtime)
+            runs.append(_widen(run, rows, eps_b))
+            restarts[rows] += 1
+            best, spread = _best_of(runs, eps_b)
     if not torch.isfinite(best.objective).all():
         bad = int((~torch.isfinite(best.objective)).sum())
         raise BrainRobustError(
@@ -221,6 +231,7 @@ def pgd(
         conv_gain=best.gain,
         conv_spread=spread,
         converged=converged.to(x.dtype),
+        restarts=restarts,
     )
 
 
@@ -279,6 +290,28 @@ def random_perturbation(
 # --- internals ---------------------------------------------------------------------------------
 
 
+def _restart(objective_fn: Objective, fn: Objective, x: Tensor, eps_b: Tensor, cfg: PGDConfig,
+             generator: torch.Generator | None, runtime: AttackRuntime) -> Ascent:
+    """One restart: its screened start, its run, and (under autocast) its best value read again
+    in the images' dtype by `objective_fn` (`fn` is the runtime's wrap of it)."""
+    start = _screened_start(fn, x, eps_b, cfg, generator, runtime)
+    run = ascend(fn, x, eps_b, cfg, generator, runtime, start=start)
+    if runtime.amp_dtype is not None:
+        with torch.no_grad():
+            run.objective = objective_fn(x + run.delta).to(x.dtype)
+    return run
+
+
+def _widen(run: Ascent, rows: Tensor, eps_b: Tensor) -> Ascent:
+    """A run of some rows as a run of the whole batch in which the other rows never win."""
+    def full(values: Tensor, fill: float) -> Tensor:
+        out = torch.full((len(eps_b), *values.shape[1:]), fill, dtype=values.dtype,
+                         device=values.device)
+        return out.index_copy(0, rows, values)
+    return Ascent(delta=full(run.delta, 0.0), objective=full(run.objective, -math.inf),
+                  steps_used=full(run.steps_used, 0), gain=full(run.gain, 0.0))
+
+
 def _screened_start(fn: Objective, x: Tensor, eps_b: Tensor, cfg: PGDConfig,
                     generator: torch.Generator | None, runtime: AttackRuntime) -> Tensor | None:
     """The best point per sample of `cfg.candidates` short runs from random starts (None: a
@@ -291,7 +324,8 @@ def _screened_start(fn: Objective, x: Tensor, eps_b: Tensor, cfg: PGDConfig,
 
 
 def _best_of(runs: list[Ascent], eps_b: Tensor) -> tuple[Ascent, Tensor]:
-    """The best run per sample (the first on ties), and the restarts' relative spread."""
+    """The best run per sample (the first on ties), and how far the runner-up lies below it
+    (relative): a small gap means the best value was found twice."""
     best = runs[0]
     for run in runs[1:]:
         better = run.objective > best.objective
@@ -301,11 +335,10 @@ def _best_of(runs: list[Ascent], eps_b: Tensor) -> tuple[Ascent, Tensor]:
             steps_used=torch.where(better, run.steps_used, best.steps_used),
             gain=torch.where(better, run.gain, best.gain),
         )
-    values = torch.stack([run.objective for run in runs])
-    spread = (values.amax(0) - values.amin(0)) / values.amax(0).abs().clamp_min(TINY)
     if len(runs) == 1:
-        spread = torch.full_like(spread, math.nan)
-    return best, spread
+        return best, torch.full_like(best.objective, math.nan)
+    top2 = torch.stack([run.objective for run in runs]).topk(2, dim=0).values
+    return best, (top2[0] - top2[1]) / top2[0].abs().clamp_min(TINY)
 
 
 def _check_images(x: Tensor, clamp: bool) -> None:

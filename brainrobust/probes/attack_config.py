@@ -43,6 +43,10 @@ class PGDConfig:
     random_start : start each restart at a random point of the ball (L2: Gaussian direction,
         radius uniform in [0, eps]; L-inf: uniform in the cube) instead of at delta = 0.
     restarts : independent runs; the best per sample is kept. > 1 needs random_start.
+    max_restarts : None (= restarts), or more: further restarts are run, one at a time for the
+        whole batch, while the best value of some sample is not confirmed, i.e. while the
+        runner-up restart of some sample lies more than conv_spread_max below its best. Rugged
+        landscapes then get the exploration they need, smooth ones cost no more.
     candidates : random starts screened per restart (> 1 needs random_start): each runs
         `candidate_fraction` of `steps` steps of the method (at least one), and the restart
         continues from the best of them per sample. Cheap exploration of a rugged landscape, and
@@ -51,9 +55,10 @@ class PGDConfig:
     clamp : keep x + delta in [0, 1].
     conv_window : the last fraction of the steps over which `conv_gain` is measured.
     conv_gain_max, conv_spread_max : a result counts as converged when its best objective grew by
-        at most conv_gain_max (relative) over the last conv_window of the steps, and the restarts'
-        best values lie within conv_spread_max (relative) of each other (with one restart there
-        is no spread to judge: NaN, not counted against it). They judge, never change, the result.
+        at most conv_gain_max (relative) over the last conv_window of the steps, and the best
+        restart is confirmed: the runner-up lies within conv_spread_max (relative) of it (with
+        one restart there is nothing to confirm: NaN, not counted against it). They judge the
+        result; only max_restarts acts on them.
     """
 
     method: str = "pgd"
@@ -62,6 +67,7 @@ class PGDConfig:
     step_size: float | None = None
     random_start: bool = True
     restarts: int = 1
+    max_restarts: int | None = None
     candidates: int = 1
     candidate_fraction: float = 0.1
     clamp: bool = True
@@ -79,6 +85,8 @@ class PGDConfig:
         require_integer("attack.steps", self.steps, 1)
         require_integer("attack.restarts", self.restarts, 1)
         require_integer("attack.candidates", self.candidates, 1)
+        if self.max_restarts is not None:
+            require_integer("attack.max_restarts", self.max_restarts, self.restarts)
         if self.step_size is None:
             object.__setattr__(self, "step_size", DEFAULT_STEP_SIZE[self.method])
         if not is_number(self.step_size) or not self.step_size > 0:
@@ -95,11 +103,15 @@ class PGDConfig:
             if not is_number(value) or not 0 < value <= 1:
                 raise ConfigError(f"attack.{name} must be a fraction of the steps in (0, 1], "
                                   f"got {value!r}")
-        for name in ("restarts", "candidates"):
-            if getattr(self, name) > 1 and not self.random_start:
+        for name in ("restarts", "max_restarts", "candidates"):
+            if (getattr(self, name) or 1) > 1 and not self.random_start:
                 raise ConfigError(f"attack.{name}={getattr(self, name)} needs "
                                   f"attack.random_start=true (runs from delta = 0 are all the "
                                   f"same run)")
+
+    @property
+    def restart_limit(self) -> int:
+        return self.max_restarts or self.restarts
 
     @property
     def candidate_steps(self) -> int:

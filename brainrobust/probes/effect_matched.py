@@ -36,10 +36,10 @@ from brainrobust.probes.objectives import make_objective
 
 EFFECT_KINDS = ("absolute", "test_sd", "noise_ceiling")
 METRICS = ("eps_found", "eps_lo", "eps_hi", "reached", "effect", "effect_target", "r_clean", "r_adv",
-           "norm", "pgd_runs", "conv_gain", "conv_spread", "converged")
+           "norm", "pgd_runs", "conv_gain", "conv_spread", "converged", "restarts")
 # What is kept of the attempt at each image's upper bracket end (while unbracketed: its latest
 # attempt), besides the perturbation itself.
-KEPT = ("effect", "r_adv", "norm", "conv_gain", "conv_spread", "converged")
+KEPT = ("effect", "r_adv", "norm", "conv_gain", "conv_spread", "converged", "restarts")
 # A safety stop: bracketing and bisection need far fewer rounds for any continuous encoder.
 MAX_ROUNDS = 200
 # The final attempt aims this fraction of rel_tol above the interpolated crossing.
@@ -138,8 +138,8 @@ class EffectMatchedProbe(Probe):
         final bracket: the largest eps that missed the effect, 0 if none did, and the upper end,
         NaN if none reached it), reached (0/1), effect (|r(x) - r(x + delta)| at eps_found, or at
         eps_max when not reached), r_clean, r_adv, norm (of the stored delta), pgd_runs, the
-        convergence report of the attack that found delta (conv_gain, conv_spread, converged),
-        and delta (fp16, the perturbation at eps_found).
+        convergence report of the attack that found delta (conv_gain, conv_spread, converged,
+        restarts), and delta (fp16, the perturbation at eps_found).
         """
         n = len(x)
         with torch.no_grad():
@@ -203,7 +203,7 @@ class _Brackets:
         self.delta[idx[keep]] = result.delta.detach()[keep]
         values = {"effect": effect, "r_adv": r_adv, "norm": result.norm,
                   "conv_gain": result.conv_gain, "conv_spread": result.conv_spread,
-                  "converged": result.converged}
+                  "converged": result.converged, "restarts": result.restarts}
         for name, value in values.items():
             self.kept[name][idx[keep]] = value.detach().double()[keep]
         self.hi[idx[reached]] = eps[reached]

@@ -87,10 +87,16 @@ def make_objective(
     held = [(rois[name].to(device), float(weight)) for name, weight in hold.items()]
     with torch.no_grad():
         clean = encoder(clean_x)
-    clean_roi = clean[:, index]
     clean_held = [clean[:, cols].mean(1) for cols, _ in held]
-    score = OBJECTIVES[kind]
-    n = clean_x.shape[0]
+    return _bind(encoder, OBJECTIVES[kind], index, clean[:, index], held, clean_held)
+
+
+def _bind(encoder: torch.nn.Module, score: Callable[[Tensor, Tensor], Tensor], index: Tensor,
+          clean_roi: Tensor, held: list[tuple[Tensor, float]],
+          clean_held: list[Tensor]) -> Callable[[Tensor], Tensor]:
+    """The objective for the images whose clean responses are given. Its `rows(picked)` is the
+    same objective for a subset of those images (`pgd` restarts only the images that need it)."""
+    n = clean_roi.shape[0]
 
     def objective(x_adv: Tensor) -> Tensor:
         if x_adv.shape[0] != n:
@@ -103,6 +109,8 @@ def make_objective(
             value = value - weight * (response[:, cols].mean(1) - m0).square()
         return value
 
+    objective.rows = lambda picked: _bind(encoder, score, index, clean_roi[picked], held,
+                                          [m[picked] for m in clean_held])
     return objective
 
 

@@ -5,7 +5,8 @@
 for every test image, ROI and eps of the ladder (one vectorised attack call per image batch), with
 a negative control: random perturbations of the same achieved norm. Every record carries the
 attack's convergence report: `conv_gain` (relative gain over the last steps), `conv_spread`
-(relative spread across restarts, NaN with one restart) and `converged` (1.0 / 0.0).
+(how far the runner-up restart lies below the best, relative; NaN with one restart), `converged`
+(1.0 / 0.0) and `restarts` (the restarts it took: more where the first ones disagree).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from brainrobust.units import format_eps
 
 # Records are long format: these wide columns are melted into (metric, value) rows.
 METRICS = ("r_clean", "r_adv", "s", "abs_s", "s_sd", "s_nc", "norm", "steps_used",
-           "random_abs_s", "random_abs_s_max", "conv_gain", "conv_spread", "converged")
+           "random_abs_s", "random_abs_s_max", "conv_gain", "conv_spread", "converged", "restarts")
 
 
 class SensitivityProbe(Probe):
@@ -132,6 +133,7 @@ class SensitivityProbe(Probe):
                   "r_adv": r_adv, "s": s, "abs_s": s.abs(), "norm": result.norm,
                   "steps_used": result.steps_used, "random_abs_s": random_effects.mean(0),
                   "random_abs_s_max": random_effects.amax(0), "conv_gain": result.conv_gain,
-                  "conv_spread": result.conv_spread, "converged": result.converged}
+                  "conv_spread": result.conv_spread, "converged": result.converged,
+                  "restarts": result.restarts}
         delta = result.delta.detach().reshape(n_eps, len(x), *x.shape[1:]).half().cpu().numpy()
         return {k: v.detach().cpu().numpy() for k, v in values.items()}, delta
