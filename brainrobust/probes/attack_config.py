@@ -43,10 +43,11 @@ class PGDConfig:
     random_start : start each restart at a random point of the ball (L2: Gaussian direction,
         radius uniform in [0, eps]; L-inf: uniform in the cube) instead of at delta = 0.
     restarts : independent runs; the best per sample is kept. > 1 needs random_start.
-    max_restarts : None (= restarts), or more: further restarts are run, one at a time for the
-        whole batch, while the best value of some sample is not confirmed, i.e. while the
-        runner-up restart of some sample lies more than conv_spread_max below its best. Rugged
-        landscapes then get the exploration they need, smooth ones cost no more.
+    max_restarts : None (= restarts), or more: a sample whose best value is not confirmed (its
+        runner-up restart lies more than conv_spread_max below it) restarts again, up to
+        max_restarts in all; only those samples run where the objective offers `rows` (as
+        `make_objective`'s do), else the whole batch. Images whose restarts found different
+        optima get more exploration; the others cost no more.
     candidates : random starts screened per restart (> 1 needs random_start): each runs
         `candidate_fraction` of `steps` steps of the method (at least one), and the restart
         continues from the best of them per sample. Cheap exploration of a rugged landscape, and
