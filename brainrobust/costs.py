@@ -222,8 +222,8 @@ def probe_work(name: str, p: dict[str, Any], job: Job) -> Work:
         attack = p.get("attack") or {}
         if (attack.get("max_restarts") or 0) > attack.get("restarts", 1):
             job.notes.add(f"probe.{name}'s attack counted at max_restarts="
-                          f"{attack['max_restarts']} (it stops at restarts={attack['restarts']} "
-                          "where every image's best is confirmed)")
+                          f"{attack['max_restarts']}; an image stops earlier once a second "
+                          "restart confirms its best")
         if not (target == SENSITIVITY and p["amp"]):
             job.notes.add(f"probe.{name} runs in fp32: counted at the measured bf16 rates, so it "
                           "will take longer")

@@ -15,6 +15,7 @@ the returned delta is recomputed in float64, so the encoder's own rounding plays
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from brainrobust.models.build import random_readout_encoder
 from brainrobust.probes.ascent import apgd_checkpoints
-from brainrobust.probes.attack import PGDConfig, expand_ladder, pgd, pgd_config
+from brainrobust.probes.attack import PGDConfig, _forked, expand_ladder, pgd, pgd_config
 from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.objectives import make_objective
 from brainrobust.probes.sensitivity import SensitivityProbe
@@ -250,23 +251,29 @@ def test_spread_and_flag_follow_their_definitions():
     assert torch.equal(best.converged, expected.float())
 
 
-@pytest.mark.parametrize("spread_max, expected_restarts", [(1e-9, 5), (0.5, 2)])
-def test_restarts_are_added_until_every_best_is_confirmed(spread_max, expected_restarts):
-    """Through an objective without `rows` (the whole batch restarts), from the same stream."""
+@pytest.mark.parametrize("restarts, spread_max, expected", [(2, 1e-9, 5), (2, 0.5, 2), (1, 0.5, 2)])
+def test_restarts_are_added_until_every_best_is_confirmed(restarts, spread_max, expected):
+    """Through a wrapper of the objective, which copies its attributes (`rows` among them) but
+    is not the function they belong to: the whole batch restarts, so the result is the best of
+    the first k single restarts of the same streams. One restart confirms nothing."""
     encoder, _ = planted(voxels=6, features=6)
     x = near_grey(5)
     objective = make_objective(encoder, "all", "pattern", x)
-    cfg = PGDConfig(method="apgd", steps=6, restarts=2, max_restarts=5, conv_spread_max=spread_max)
-    result = pgd(lambda images: objective(images), x, 0.5, cfg,
+    cfg = PGDConfig(method="apgd", steps=6, restarts=restarts, max_restarts=5,
+                    conv_spread_max=spread_max)
+    result = pgd(functools.wraps(objective)(lambda images: objective(images)), x, 0.5, cfg,
                  generator=torch.Generator().manual_seed(3))
-    g = torch.Generator().manual_seed(3)  # the same stream, one restart per call
+    g = torch.Generator().manual_seed(3)  # the first restarts' stream, then the added ones'
     single = PGDConfig(**{**cfg.__dict__, "restarts": 1, "max_restarts": None})
-    values = [pgd(objective, x, 0.5, single, generator=g).objective for _ in range(5)]
+    values = [pgd(objective, x, 0.5, single, generator=g).objective for _ in range(restarts)]
+    more = _forked(g)
+    values += [pgd(objective, x, 0.5, single, generator=more).objective
+               for _ in range(5 - restarts)]
     for k in range(2, 6):  # the first count at which every image's runner-up confirms its best
         top2 = torch.stack(values[:k]).topk(2, dim=0).values
         if ((top2[0] - top2[1]) / top2[0] <= spread_max).all():
             break
-    assert result.restarts.tolist() == [k] * 5 and k == expected_restarts
+    assert result.restarts.tolist() == [k] * 5 and k == expected
     torch.testing.assert_close(result.objective, torch.stack(values[:k]).amax(0))
 
 
@@ -278,8 +285,12 @@ def test_only_the_unconfirmed_images_restart():
     first = pgd(objective, x, 0.5, two, generator=torch.Generator().manual_seed(3))
     unconfirmed = ~(first.conv_spread <= 2e-3)
     assert 0 < unconfirmed.sum() < len(x)  # the case this test is about
-    more = pgd(objective, x, 0.5, replace(two, max_restarts=6),
-               generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    more = pgd(objective, x, 0.5, replace(two, max_restarts=6), generator=g)
+    g_none = torch.Generator().manual_seed(3)  # the same settings, but every image confirmed
+    pgd(objective, x, 0.5, replace(two, max_restarts=6, conv_spread_max=1.0), generator=g_none)
+    # The caller's stream moves on the same however many images restarted.
+    assert torch.equal(g.get_state(), g_none.get_state())
     assert (more.restarts[~unconfirmed] == 2).all() and (more.restarts[unconfirmed] > 2).all()
     for name in ("delta", "objective", "conv_spread"):  # the confirmed rows are untouched
         torch.testing.assert_close(getattr(more, name)[~unconfirmed],

@@ -421,6 +421,7 @@ def test_a_malformed_twin_session_record_names_the_file_and_the_fix(tiny, text):
         NSDLoader(root)
     with pytest.raises(ConfigError, match="sessions_fallback needs 8 integer counts >= 1"):
         NSDLoader(root, sessions_fallback=[2] * 7 + [0])
+    assert NSDLoader(root, sessions_fallback=np.full(8, 2)).sessions_fallback == (2,) * 8
 
 
 def test_zero_constant_and_nan_voxels_are_dropped_and_counted(tiny, caplog):

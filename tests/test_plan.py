@@ -67,8 +67,8 @@ def test_sensitivity_follows_its_settings(tmp_path, override, steps, forwards):
 
 def test_an_attack_that_may_add_restarts_is_counted_at_its_most(tmp_path):
     out = one_job(tmp_path, "attack=apgd")
-    assert ("probe.sensitivity's attack counted at max_restarts=4 (it stops at restarts=2 where "
-            "every image's best is confirmed)") in out["notes"]
+    assert ("probe.sensitivity's attack counted at max_restarts=4; an image stops earlier once a "
+            "second restart confirms its best") in out["notes"]
     assert not any("max_restarts" in note for note in one_job(tmp_path)["notes"])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import re
 import zlib
@@ -76,10 +77,11 @@ class Design:
 
 
 def _session_counts(counts: object) -> bool:
-    """Whether `counts` is one completed-session count (an int >= 1, not a bool) per subject."""
-    return (isinstance(counts, Sequence) and not isinstance(counts, str)
+    """Whether `counts` is one completed-session count (an integer >= 1, not a bool) per subject."""
+    return (isinstance(counts, (Sequence, np.ndarray)) and not isinstance(counts, str)
             and len(counts) == N_SUBJECTS
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts))
+            and all(isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_))
+                    and n >= 1 for n in counts))
 
 
 def read_design(path: Path) -> Design:
@@ -171,7 +173,7 @@ class NSDLayout:
             raise ConfigError(f"sessions_fallback needs {N_SUBJECTS} integer counts >= 1, "
                               f"got {sessions_fallback!r}")
         else:
-            self.sessions_fallback = tuple(sessions_fallback)
+            self.sessions_fallback = tuple(int(n) for n in sessions_fallback)
         self._design: Design | None = None
         self._warned: set[int] = set()
 
@@ -187,7 +189,7 @@ class NSDLayout:
             raise DataError(f"cannot read {path} (expected a JSON list of {N_SUBJECTS} integer "
                             f"session counts >= 1, got {counts!s:.60}); delete the twin's folder "
                             "to have it rewritten") from None
-        return tuple(counts)
+        return tuple(int(n) for n in counts)
 
     # ---- paths -------------------------------------------------------------------------
     @property

@@ -205,14 +205,16 @@ def pgd(
         restarts = torch.full_like(best.steps_used, cfg.restarts)
         # Further restarts for the images whose best is unconfirmed: one host sync each, none
         # inside the step loop. An objective without `rows` restarts the whole batch.
+        more = _forked(generator) if cfg.restart_limit > cfg.restarts else None
+        subsets = getattr(objective_fn, "rows_of", None) is objective_fn
         while True:
             unconfirmed = ~(spread <= cfg.conv_spread_max) & (restarts < cfg.restart_limit)
             if not unconfirmed.any():
                 break
-            rows = (unconfirmed.nonzero().squeeze(1) if hasattr(objective_fn, "rows")
+            rows = (unconfirmed.nonzero().squeeze(1) if subsets
                     else torch.arange(len(x), device=x.device))
-            sub = objective_fn.rows(rows) if hasattr(objective_fn, "rows") else objective_fn
-            run = _restart(sub, runtime.wrap(sub), x[rows], eps_b[rows], cfg, generator, runtime)
+            sub = objective_fn.rows(rows) if subsets else objective_fn
+            run = _restart(sub, runtime.wrap(sub), x[rows], eps_b[rows], cfg, more, runtime)
             runs.append(_widen(run, rows, eps_b))
             restarts[rows] += 1
             best, spread = _best_of(runs, eps_b)
@@ -300,6 +302,14 @@ def _restart(objective_fn: Objective, fn: Objective, x: Tensor, eps_b: Tensor, c
         with torch.no_grad():
             run.objective = objective_fn(x + run.delta).to(x.dtype)
     return run
+
+
+def _forked(generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator seeded by one draw of `generator` (None: the global stream is used)."""
+    if generator is None:
+        return None
+    seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
+    return torch.Generator(device=generator.device).manual_seed(int(seed))
 
 
 def _widen(run: Ascent, rows: Tensor, eps_b: Tensor) -> Ascent:

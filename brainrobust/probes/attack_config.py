@@ -44,10 +44,12 @@ class PGDConfig:
         radius uniform in [0, eps]; L-inf: uniform in the cube) instead of at delta = 0.
     restarts : independent runs; the best per sample is kept. > 1 needs random_start.
     max_restarts : None (= restarts), or more: a sample whose best value is not confirmed (its
-        runner-up restart lies more than conv_spread_max below it) restarts again, up to
-        max_restarts in all; only those samples run where the objective offers `rows` (as
-        `make_objective`'s do), else the whole batch. Images whose restarts found different
-        optima get more exploration; the others cost no more.
+        runner-up restart lies more than conv_spread_max below it; with one restart nothing is
+        confirmed yet) restarts again, up to max_restarts in all; only those samples run where
+        the objective offers `rows` (as `make_objective`'s do), else the whole batch. Images
+        whose restarts found different optima get more exploration; the others cost no more.
+        These restarts draw from a generator seeded by one draw of the caller's, so the
+        caller's stream advances the same however many images restart.
     candidates : random starts screened per restart (> 1 needs random_start): each runs
         `candidate_fraction` of `steps` steps of the method (at least one), and the restart
         continues from the best of them per sample. Cheap exploration of a rugged landscape, and
@@ -139,7 +141,8 @@ class AttackRuntime:
     channels_last : run on channels_last images (convert the encoder too, with
         `encoder.to(memory_format=torch.channels_last)`, for the full gain).
     compile : wrap the objective in `torch.compile`. The first call compiles (tens of seconds);
-        later calls with objectives of the same code and shapes reuse the compiled graphs.
+        later calls with objectives of the same code and shapes reuse the compiled graphs. The
+        restarts that max_restarts adds for a subset of the images compile for its sizes too.
     """
 
     amp_dtype: str | None = None

@@ -111,6 +111,9 @@ def _bind(encoder: torch.nn.Module, score: Callable[[Tensor, Tensor], Tensor], i
 
     objective.rows = lambda picked: _bind(encoder, score, index, clean_roi[picked], held,
                                           [m[picked] for m in clean_held])
+    # `pgd` uses `rows` only where it belongs to this very function: a wrapper that copied the
+    # attributes (functools.wraps) computes something else.
+    objective.rows_of = objective
     return objective
 
 
