@@ -253,16 +253,17 @@ def test_spread_and_flag_follow_their_definitions():
 
 @pytest.mark.parametrize("restarts, spread_max, expected", [(2, 1e-9, 5), (2, 0.5, 2), (1, 0.5, 2)])
 def test_restarts_are_added_until_every_best_is_confirmed(restarts, spread_max, expected):
-    """Through a wrapper of the objective, which copies its attributes (`rows` among them) but
-    is not the function they belong to: the whole batch restarts, so the result is the best of
-    the first k single restarts of the same streams. One restart confirms nothing."""
+    """Through a wrapper that computes something else (twice the objective) but copies the
+    objective's attributes, `rows` among them: the whole batch restarts on the wrapper, so the
+    result is the best of the first k single restarts of the same streams. One restart
+    confirms nothing."""
     encoder, _ = planted(voxels=6, features=6)
     x = near_grey(5)
-    objective = make_objective(encoder, "all", "pattern", x)
+    original = make_objective(encoder, "all", "pattern", x)
+    objective = functools.wraps(original)(lambda images: 2 * original(images))
     cfg = PGDConfig(method="apgd", steps=6, restarts=restarts, max_restarts=5,
                     conv_spread_max=spread_max)
-    result = pgd(functools.wraps(objective)(lambda images: objective(images)), x, 0.5, cfg,
-                 generator=torch.Generator().manual_seed(3))
+    result = pgd(objective, x, 0.5, cfg, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)  # the first restarts' stream, then the added ones'
     single = PGDConfig(**{**cfg.__dict__, "restarts": 1, "max_restarts": None})
     values = [pgd(objective, x, 0.5, single, generator=g).objective for _ in range(restarts)]
