@@ -6,7 +6,9 @@ fewer steps. For each encoder and objective this measures a long reference (Auto
 and restarts, the best per image), then runs every attack at a growing step budget N and reports
 the first N whose result reaches `--quality` (0.99) of the reference, as the mean over images
 of objective / reference, with the image-steps (gradient steps per image at budget N, each
-restart's screened candidates included, x images) and CPU seconds of that run.
+restart's screened candidates included, x images) and CPU seconds of that run. It does so once
+per seed of the random starts (`--seeds`) and reports each seed's figures and the median
+image-steps: one seed's N can differ from another's by several grid steps.
 
 Encoders: the zoo's random-init CNNs (tiny_cnn_random, resnet18_random) at `--size` px with a
 random linear readout of `--voxels` voxels; objectives "abs" (ROI mean of the first half of the
@@ -37,10 +39,12 @@ reached and the share of images the convergence report calls converged.
 
 The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for ResNet-18):
 
-    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.1 --threads 1
-    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1
+    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.1 --threads 1 \
+        --seeds 3,4,5 --attacks default,pgdl2 --grid 3,4,5,6,8,10,15,20,30,40,50,70,100,140,200,280,400
     python benchmarks/bench_time_to_quality.py --models resnet18_random --eps 0.1 --ref-restarts 2 \
-        --threads 1
+        --threads 1 --seeds 3,4,5 --attacks default,pgdl2 \
+        --grid 3,4,5,6,8,10,15,20,30,40,50,70,100,140,200,280,400
+    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1 \
         --schedules 100x2,200x1,100x1,50x2
     python benchmarks/bench_time_to_quality.py --eps 0.1 --ref-restarts 2 --threads 1 --trajectory
@@ -49,7 +53,9 @@ The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for R
 from __future__ import annotations
 
 import argparse
+import math
 import re
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +70,8 @@ from brainrobust.probes.attack import PGDConfig, pgd
 from brainrobust.probes.objectives import make_objective
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
-# (encoder, objective, images, eps, steps) -> adversarial images
-Attack = Callable[[nn.Module, Callable[[Tensor], Tensor], Tensor, float, int], Tensor]
+# (encoder, objective, images, eps, steps, seed) -> adversarial images
+Attack = Callable[[nn.Module, Callable[[Tensor], Tensor], Tensor, float, int, int], Tensor]
 # budget N -> gradient steps per image (a mean over images where restarts vary)
 Cost = Callable[[int], float]
 
@@ -124,9 +130,9 @@ def ours(attack_config: str, **changes) -> tuple[Attack, Cost]:
     settings.update(changes)
     last = {}
 
-    def run(encoder, objective, x, eps, steps):
+    def run(encoder, objective, x, eps, steps, seed):
         cfg = PGDConfig(norm="l2", steps=steps, **settings)
-        result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3))
+        result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(seed))
         last["restarts"] = float(result.restarts.double().mean())
         return x + result.delta
     return run, lambda steps: last["restarts"] * pgd_steps({**settings, "steps": steps,
@@ -136,8 +142,8 @@ def ours(attack_config: str, **changes) -> tuple[Attack, Cost]:
 def torchattacks_pgdl2(alpha: Callable[[float, int], float]) -> tuple[Attack, Cost]:
     import torchattacks
 
-    def run(encoder, objective, x, eps, steps):
-        torch.manual_seed(3)
+    def run(encoder, objective, x, eps, steps, seed):
+        torch.manual_seed(seed)
         attack = torchattacks.PGDL2(ObjectiveAsLogits(objective, encoder).eval(), eps=eps,
                                     alpha=alpha(eps, steps), steps=steps, random_start=True)
         return attack(x, torch.ones(len(x), dtype=torch.long))
@@ -147,9 +153,9 @@ def torchattacks_pgdl2(alpha: Callable[[float, int], float]) -> tuple[Attack, Co
 def torchattacks_apgd() -> tuple[Attack, Cost]:
     import torchattacks
 
-    def run(encoder, objective, x, eps, steps):
+    def run(encoder, objective, x, eps, steps, seed):
         attack = torchattacks.APGD(ObjectiveAsLogits(objective, encoder).eval(), norm="L2", eps=eps,
-                                   steps=steps, n_restarts=1, seed=3, loss="ce")
+                                   steps=steps, n_restarts=1, seed=seed, loss="ce")
         return attack.perturb(x, torch.ones(len(x), dtype=torch.long), best_loss=True)[1]
     return run, lambda steps: steps
 
@@ -165,6 +171,10 @@ def main() -> None:
     parser.add_argument("--grid", default="10,15,20,30,40,50,70,100,140,200,280,400",
                         help="step budgets N tried, in order; the first that reaches the quality counts")
     parser.add_argument("--quality", type=float, default=0.99)
+    parser.add_argument("--attacks", default="default,one-restart,pgdl2,pgdl2-madry,ta-apgd",
+                        help="which attacks the sweep runs")
+    parser.add_argument("--seeds", default="3",
+                        help="random starts' seeds: each attack's sweep runs once per seed")
     parser.add_argument("--ref-steps", type=int, default=1000)
     parser.add_argument("--ref-restarts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
@@ -176,13 +186,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = [int(n) for n in args.grid.split(",")]
+    args.seeds = [int(seed) for seed in args.seeds.split(",")]
     attacks = {
-        "brainrobust default (conf/attack/apgd.yaml)": ours("apgd"),
-        "brainrobust apgd, 1 restart (4 candidates)": ours("apgd", restarts=1, max_restarts=None),
-        "torchattacks PGDL2 (alpha 0.2 eps, its default)": torchattacks_pgdl2(lambda e, n: 0.2 * e),
-        "torchattacks PGDL2 (alpha 2.5 eps / N)": torchattacks_pgdl2(lambda e, n: 2.5 * e / n),
-        "torchattacks APGD (L2, best loss)": torchattacks_apgd(),
+        "default": ("brainrobust default (conf/attack/apgd.yaml)", ours("apgd")),
+        "one-restart": ("brainrobust apgd, 1 restart (4 candidates)",
+                        ours("apgd", restarts=1, max_restarts=None)),
+        "pgdl2": ("torchattacks PGDL2 (alpha 0.2 eps, its default)",
+                  torchattacks_pgdl2(lambda e, n: 0.2 * e)),
+        "pgdl2-madry": ("torchattacks PGDL2 (alpha 2.5 eps / N)",
+                        torchattacks_pgdl2(lambda e, n: 2.5 * e / n)),
+        "ta-apgd": ("torchattacks APGD (L2, best loss)", torchattacks_apgd()),
     }
+    unknown = set(args.attacks.split(",")) - set(attacks)
+    if unknown:
+        parser.error(f"unknown --attacks {sorted(unknown)}; choose from {list(attacks)}")
+    attacks = {key: attacks[key] for key in args.attacks.split(",")}
     print(f"L2 eps {args.eps}, {args.size} px, {args.batch} images, {args.voxels} voxels, "
           f"{torch.get_num_threads()} threads; reference: Auto-PGD {args.ref_steps} steps x "
           f"{args.ref_restarts} restarts; quality: mean objective / reference >= {args.quality}")
@@ -193,8 +211,8 @@ def main() -> None:
         print("\n| encoder | objective | steps x restarts | restarts run (mean) | quality (mean / min) | "
               "converged |\n|---|---|---|--:|--:|--:|")
     else:
-        print("\n| encoder | objective | attack | N | image-steps | CPU s | quality (mean / min) |\n"
-              "|---|---|---|--:|--:|--:|--:|")
+        print("\n| encoder | objective | attack | N per seed | image-steps per seed | median image-steps | "
+              "CPU s per seed |\n|---|---|---|--:|--:|--:|--:|")
     for model in args.models.split(","):
         encoder = random_readout_encoder(model, args.size, args.voxels)
         x = smooth_images(args.batch, args.size)
@@ -209,7 +227,7 @@ def main() -> None:
                 print(_schedules(model, kind, args.schedules, objective, x, args.eps, reference),
                       flush=True)
                 continue
-            for label, (attack, cost) in attacks.items():
+            for label, (attack, cost) in attacks.values():
                 print(_time_to_quality(model, kind, label, attack, cost, encoder, objective, x,
                                        args, grid, reference), flush=True)
 
@@ -223,7 +241,7 @@ def _trajectories(model, kind, encoder, objective, x, args, reference) -> str:
     rows = []
     for label, (attack, steps) in runs.items():
         recorder = Recorder(objective)
-        adv = attack(encoder, recorder, x, args.eps, steps)
+        adv = attack(encoder, recorder, x, args.eps, steps, args.seeds[0])
         with torch.no_grad():
             recorder(adv)  # the returned point counts too (PGD's last iterate is never evaluated)
         evaluations, cpu, quality = recorder.first_reaching(reference, args.quality)
@@ -250,17 +268,25 @@ def _schedules(model, kind, schedules, objective, x, eps, reference) -> str:
 
 def _time_to_quality(model, kind, label, attack, cost, encoder, objective, x, args, grid,
                      reference) -> str:
-    for steps in grid:
-        cpu = time.process_time()
-        adv = attack(encoder, objective, x, args.eps, steps)
-        cpu = time.process_time() - cpu
-        with torch.no_grad():
-            ratio = objective(adv) / reference
-        if ratio.mean() >= args.quality:
-            break
-    reached = "" if ratio.mean() >= args.quality else " (not reached)"
-    return (f"| {model} | {kind} | {label} | {steps}{reached} | {round(cost(steps) * len(x))} | "
-            f"{cpu:.1f} | {ratio.mean():.4f} / {ratio.min():.4f} |")
+    """Per seed, the first N whose result reaches the quality; a single seed's N can be off by
+    a grid step or several (a lucky or unlucky random start), so the row reports the median."""
+    budgets, image_steps, seconds = [], [], []
+    for seed in args.seeds:
+        for steps in grid:
+            cpu = time.process_time()
+            adv = attack(encoder, objective, x, args.eps, steps, seed)
+            cpu = time.process_time() - cpu
+            with torch.no_grad():
+                quality = float((objective(adv) / reference).mean())
+            if quality >= args.quality:
+                break
+        budgets.append(str(steps) if quality >= args.quality else f"> {steps} ({quality:.4f})")
+        image_steps.append(round(cost(steps) * len(x)) if quality >= args.quality else math.inf)
+        seconds.append(f"{cpu:.1f}")
+    median = statistics.median_low(image_steps)
+    shown = [str(n) if n < math.inf else "never" for n in image_steps]
+    return (f"| {model} | {kind} | {label} | {', '.join(budgets)} | {', '.join(shown)} | "
+            f"{median if median < math.inf else 'never'} | {', '.join(seconds)} |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ def require_bool(key: str, value: object) -> None:
 
 
 def require_folder(key: str, value: object) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # Hydra reads an unquoted all-digit override as a number.
+        raise ConfigError(f"{key} must be a folder, got the number {value!r}; for a folder of "
+                          f"that name, quote it: '{key}=\"{value}\"'")
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key} must be a folder, got {value!r}")
 

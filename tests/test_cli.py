@@ -60,6 +60,8 @@ def _preflight(argv, capsys):
     (["~seed"], "'~seed' removes seed, which every run reads"),
     (["data=nsd", "data.root=null"], "data.root must be a folder, got None"),
     (["data.cache_dir="], "data.cache_dir must be a folder, got ''"),
+    (["data.root=2024"], "data.root must be a folder, got the number 2024; for a folder of that "
+                         "name, quote it: 'data.root=\"2024\"'"),
 ])
 def test_config_mistakes_are_one_line_and_exit_2(argv, words, capsys):
     code, err = _preflight(argv, capsys)
@@ -71,7 +73,7 @@ def test_config_mistakes_are_one_line_and_exit_2(argv, words, capsys):
 @pytest.mark.parametrize("argv", [[], ["model=resnet50", "roi=[FFA,PPA]"],
                                   ["-m", "model=resnet18_random,tiny_cnn_random", "subject=1,2"],
                                   ["--cfg", "job"], ["experiment=sensitivity"], ["-m", "model=glob(*)"],
-                                  ["data.cache_dir=null"], ["~logger"]])
+                                  ["data.cache_dir=null"], ["~logger"], ['data.root="2024"']])
 def test_valid_command_lines_pass_the_preflight(argv, capsys):
     assert _preflight(argv, capsys) == ("-m" in argv, "")
 
