@@ -54,6 +54,13 @@ def check_run_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not (key == "data.cache_dir" and value is None):
             require_folder(key, value)
+    # The ladder's budgets are in epsilon.norm's units; an attack in another norm would read
+    # an L2 ladder as L-inf budgets (up to eps 1: every pixel free).
+    attack_norm, budget_norm = (OmegaConf.select(cfg, k) for k in ("attack.norm", "epsilon.norm"))
+    if attack_norm is not None and budget_norm is not None and attack_norm != budget_norm:
+        raise ConfigError(f"attack.norm={attack_norm} disagrees with epsilon.norm={budget_norm}, "
+                          f"the norm of the eps ladder; pick the norm with epsilon=... "
+                          f"(e.g. epsilon=linf) and leave attack.norm to follow it")
     for key, top in (("subject", "subject"), ("rois", "roi")):
         if key in cfg.data and OmegaConf.select(cfg, f"data.{key}") != cfg[top]:
             raise ConfigError(f"data.{key} follows {top}; set {top}=... instead of data.{key} "

@@ -145,14 +145,36 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _unknown_key(key: str, overrides: list[str]) -> str:
-    """`unknown config key 'subjct'; did you mean subject?`, from the keys beside it."""
+    """`unknown config key 'subjct'; did you mean subject?`, from the keys beside it; or, where
+    the key's parent is not in this run's config (a probe it does not select), which it is."""
     parent, _, leaf = key.rpartition(".")
-    others = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
-    node = OmegaConf.select(compose("config", overrides=others), parent) if parent else \
-        compose("config", overrides=others)
+    # Without every override below the parent: a second one there would fail the same way.
+    below = f"{parent}." if parent else f"{key}="
+    others = [o for o in overrides if not o.lstrip("+~").startswith(below)]
+    try:
+        root = compose("config", overrides=others)
+    except (HydraException, OmegaConfBaseException):
+        return f"unknown config key '{key}'; python run.py --cfg job lists the keys"
+    node = OmegaConf.select(root, parent) if parent else root
+    if node is None:
+        return _absent_parent(key, parent, root)
     keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
     near = difflib.get_close_matches(leaf, keys, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(f'{parent}.{k}' if parent else k for k in near)}? " if near else ""
+    return f"unknown config key '{key}'; {hint}python run.py --cfg job lists the keys"
+
+
+def _absent_parent(key: str, parent: str, root: DictConfig) -> str:
+    """`probe.sensitivity.steps=5` where the run selects probe=[transfer]: the key exists, in a
+    part of the config this run leaves out; a misspelt parent gets its near match."""
+    outer, _, name = parent.rpartition(".")
+    node = OmegaConf.select(root, outer) if outer else root
+    siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
+    near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.8)
+    hint = f"did you mean {outer + '.' if outer else ''}{near[0]}{key[len(parent):]}? " if near else ""
+    probes = GlobalHydra.instance().config_loader().get_group_options("probe")
+    if outer == "probe" and name in probes:
+        return f"'{key}' sets probe {name}, which this run does not select; drop it or add {name} to probe=[...]"
     return f"unknown config key '{key}'; {hint}python run.py --cfg job lists the keys"
 
 

@@ -56,6 +56,8 @@ ROWS = [
     (["data.subject=3"], ConfigError, "set subject=... instead of data.subject"),
     (["data.rois=[PPA]"], ConfigError, "set roi=... instead of data.rois"),
     (["epsilon.norm=l3"], ConfigError, "attack.norm must be one of"),
+    (["attack.norm=linf"], ConfigError, "attack.norm=linf disagrees with epsilon.norm=l2"),
+    (["epsilon.ladder=[1e-30]"], ConfigError, "float32 images cannot hold it"),
     (["attack.steps=0"], ConfigError, "attack.steps"),
     (["attack.step_size=-1"], ConfigError, "attack.step_size"),
     (["probe.sensitivity.objective=maximise"], ConfigError, "probe.sensitivity.objective must be one of"),

@@ -60,8 +60,15 @@ def _preflight(argv, capsys):
     (["~seed"], "'~seed' removes seed, which every run reads"),
     (["data=nsd", "data.root=null"], "data.root must be a folder, got None"),
     (["data.cache_dir="], "data.cache_dir must be a folder, got ''"),
-    (["data.root=2024"], "data.root must be a folder, got the number 2024; for a folder of that "
-                         "name, quote it: 'data.root=\"2024\"'"),
+    (["attack.norm=linf"], ("attack.norm=linf disagrees with epsilon.norm=l2, the norm of the eps "
+                            "ladder; pick the norm with epsilon=... (e.g. epsilon=linf)")),
+    (["probe=[transfer]", "probe.sensitivity.random_draws=1", "probe.sensitivity.max_images=2"],
+     ("'probe.sensitivity.random_draws' sets probe sensitivity, which this run does not select; "
+      "drop it or add sensitivity to probe=[...]")),
+    (["probe.sensitivty.max_images=2"], ("unknown config key 'probe.sensitivty.max_images'; did "
+                                         "you mean probe.sensitivity.max_images?")),
+    (["data.root=2024"], ("data.root must be a folder, got the number 2024; for a folder of that "
+                          "name, quote it: 'data.root=\"2024\"'")),
 ])
 def test_config_mistakes_are_one_line_and_exit_2(argv, words, capsys):
     code, err = _preflight(argv, capsys)
@@ -73,7 +80,8 @@ def test_config_mistakes_are_one_line_and_exit_2(argv, words, capsys):
 @pytest.mark.parametrize("argv", [[], ["model=resnet50", "roi=[FFA,PPA]"],
                                   ["-m", "model=resnet18_random,tiny_cnn_random", "subject=1,2"],
                                   ["--cfg", "job"], ["experiment=sensitivity"], ["-m", "model=glob(*)"],
-                                  ["data.cache_dir=null"], ["~logger"], ['data.root="2024"']])
+                                  ["data.cache_dir=null"], ["~logger"], ['data.root="2024"'],
+                                  ["epsilon=linf", "attack.norm=linf"]])
 def test_valid_command_lines_pass_the_preflight(argv, capsys):
     assert _preflight(argv, capsys) == ("-m" in argv, "")
 

@@ -380,7 +380,8 @@ def test_missing_root_and_files_name_the_expected_path(tiny, tmp_path):
         NSDLoader(root).load(5, "FFA", "test")
     (root / DESIGN).unlink()
     with pytest.raises(DataError, match=r"nsd_expdesign.mat not found under "
-                                        r".*nsddata/experiments/nsd; set data.root="):
+                                        r".*nsddata/experiments/nsd; copy or fetch it there, "
+                                        r"or, if the root is wrong, set data.root="):
         NSDLoader(root).load(1, "FFA", "test")
 
 

@@ -52,7 +52,9 @@ def check_image_size(size: Any, where: str = "data.image_size") -> int | None:
 
 
 def missing(path: Path, hint: str) -> DataError:
-    return DataError(f"{path.name} not found under {path.parent}; set data.root=... to {hint}")
+    # The root itself was found: most often one file is missing from a right root.
+    return DataError(f"{path.name} not found under {path.parent}; copy or fetch it there, or, "
+                     f"if the root is wrong, set data.root=... to {hint}")
 
 
 def unreadable(path: Path, err: OSError, hint: str) -> DataError:

@@ -61,6 +61,8 @@ __all__ = [
 
 # Bisection steps on log(scale) in random_perturbation: 2**-50 relative width is far below 1e-4.
 _BISECT_STEPS = 50
+# The smallest budget per pixel `check_budget` accepts: about 16 float32 rounding steps at 0.5.
+_SMALLEST_CHANGE = 1e-6
 
 
 @dataclass
@@ -137,15 +139,23 @@ def validate_ladder(eps: float | Sequence[float] | Tensor) -> Tensor:
 
 
 def check_budget(eps: Sequence[float], norm: str, size: int) -> None:
-    """Refuse budgets that cannot be meant at this stimulus size: above the largest distance
-    between two images in [0, 1]^(3 x size x size), every perturbation fits and the budget
-    says nothing (an L2 eps of 1e9, an L-inf eps above 1)."""
-    largest = 1.0 if norm == "linf" else math.sqrt(3 * size * size)
-    too_big = [e for e in validate_eps(eps).tolist() if e > largest]
+    """Refuse budgets that cannot be meant at this stimulus size. At or above the largest
+    distance between two images in [0, 1]^(3 x size x size) every perturbation fits and the
+    budget says nothing (an L2 eps of 1e9, an L-inf eps of 1). Below `_SMALLEST_CHANGE` per
+    pixel (spread evenly, as the random control is) a float32 image cannot hold the change
+    (its rounding step in [0.5, 1) is 6e-8), so attack and control would both return 0."""
+    scale = 1.0 if norm == "linf" else math.sqrt(3 * size * size)
+    values = validate_eps(eps).tolist()
+    too_big = [e for e in values if e >= scale]
     if too_big:
-        raise ConfigError(f"eps {too_big} exceeds the largest {norm} distance between two "
-                          f"{size} x {size} images in [0, 1] ({largest:.4g}); a budget must be "
+        raise ConfigError(f"eps {too_big} reaches the largest {norm} distance between two "
+                          f"{size} x {size} images in [0, 1] ({scale:.4g}); a budget must be "
                           "smaller to constrain anything")
+    too_small = [e for e in values if e < _SMALLEST_CHANGE * scale]
+    if too_small:
+        raise ConfigError(f"eps {too_small} is below {_SMALLEST_CHANGE * scale:.2g}, a change of "
+                          f"{_SMALLEST_CHANGE:g} per pixel at {size} x {size}: float32 images "
+                          "cannot hold it; use a larger budget")
 
 
 def expand_ladder(x: Tensor, eps_ladder: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
