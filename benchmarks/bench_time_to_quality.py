@@ -8,7 +8,8 @@ the first N whose result reaches `--quality` (0.99) of the reference, as the mea
 of objective / reference, with the image-steps (gradient steps per image at budget N, each
 restart's screened candidates included, x images) and CPU seconds of that run. It does so once
 per seed of the random starts (`--seeds`) and reports each seed's figures and the median
-image-steps: one seed's N can differ from another's by several grid steps.
+image-steps (the lower middle value for an even number of seeds: give an odd number): one seed's
+N can differ from another's by several grid steps.
 
 Encoders: the zoo's random-init CNNs (tiny_cnn_random, resnet18_random) at `--size` px with a
 random linear readout of `--voxels` voxels; objectives "abs" (ROI mean of the first half of the
@@ -37,7 +38,9 @@ restarts, optionally cK: K screened candidates per restart, and mM: up to M rest
 image's best is unconfirmed, e.g. 100x2c4m4), the restarts run (mean per image), the quality
 reached and the share of images the convergence report calls converged.
 
-The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for ResNet-18):
+The RESULTS.md tables (2-core CPU, `--attacks default,pgdl2` over 3 seeds about 15 min per
+encoder at eps 0.1; all five attacks on one seed about 15 min per TinyCNN eps and 40 min for
+ResNet-18):
 
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.1 --threads 1 \
         --seeds 3,4,5 --attacks default,pgdl2 --grid 3,4,5,6,8,10,15,20,30,40,50,70,100,140,200,280,400
@@ -45,6 +48,8 @@ The RESULTS.md tables (2-core CPU, about 15 min per TinyCNN eps and 40 min for R
         --threads 1 --seeds 3,4,5 --attacks default,pgdl2 \
         --grid 3,4,5,6,8,10,15,20,30,40,50,70,100,140,200,280,400
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1
+    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 1.0 --threads 1 \
+        --ref-restarts 10 --schedules 100x2c4m4,100x4c4,200x2c4m4,300x2c4m4,1000x2c4m4
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1 \
         --schedules 100x2,200x1,100x1,50x2
     python benchmarks/bench_time_to_quality.py --eps 0.1 --ref-restarts 2 --threads 1 --trajectory

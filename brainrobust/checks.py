@@ -31,8 +31,8 @@ def require_bool(key: str, value: object) -> None:
 def require_folder(key: str, value: object) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # Hydra reads an unquoted all-digit override as a number.
-        raise ConfigError(f"{key} must be a folder, got the number {value!r}; for a folder of "
-                          f"that name, quote it: '{key}=\"{value}\"'")
+        raise ConfigError(f"{key} must be a folder, got the number {value!r}; for a folder named "
+                          f"so, quote the name as typed: '{key}=\"NAME\"'")
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key} must be a folder, got {value!r}")
 
@@ -59,8 +59,8 @@ def check_run_values(cfg: DictConfig) -> None:
     attack_norm, budget_norm = (OmegaConf.select(cfg, k) for k in ("attack.norm", "epsilon.norm"))
     if attack_norm is not None and budget_norm is not None and attack_norm != budget_norm:
         raise ConfigError(f"attack.norm={attack_norm} disagrees with epsilon.norm={budget_norm}, "
-                          f"the norm of the eps ladder; pick the norm with epsilon=... "
-                          f"(e.g. epsilon=linf) and leave attack.norm to follow it")
+                          "the norm of the eps ladder; pick the norm with epsilon=... (linf, or "
+                          "l2 / l2_small) and leave attack.norm to follow it")
     for key, top in (("subject", "subject"), ("rois", "roi")):
         if key in cfg.data and OmegaConf.select(cfg, f"data.{key}") != cfg[top]:
             raise ConfigError(f"data.{key} follows {top}; set {top}=... instead of data.{key} "

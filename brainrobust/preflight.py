@@ -31,6 +31,8 @@ MANDATORY_HINTS = {
 }
 
 
+_ABSENT = object()
+
 # Top-level groups a run can do without: the CSV logger, the experiment preset.
 DELETABLE = ("logger", "experiment")
 
@@ -145,37 +147,35 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _unknown_key(key: str, overrides: list[str]) -> str:
-    """`unknown config key 'subjct'; did you mean subject?`, from the keys beside it; or, where
-    the key's parent is not in this run's config (a probe it does not select), which it is."""
-    parent, _, leaf = key.rpartition(".")
-    # Without every override below the parent: a second one there would fail the same way.
-    below = f"{parent}." if parent else f"{key}="
-    others = [o for o in overrides if not o.lstrip("+~").startswith(below)]
+    """`unknown config key 'subjct'; did you mean subject?`, from the keys beside the first part
+    of `key` that this run's config lacks; where that part is a probe the run does not select
+    (`probe=[transfer] probe.sensitivity.steps=5`), it says so."""
+    parts = key.split(".")
+    # Without every override below the same top-level key: another one there may fail alike.
+    others = [o for o in overrides if not o.lstrip("+~").startswith((f"{parts[0]}.", f"{key}="))]
     try:
         root = compose("config", overrides=others)
     except (HydraException, OmegaConfBaseException):
         return f"unknown config key '{key}'; python run.py --cfg job lists the keys"
-    node = OmegaConf.select(root, parent) if parent else root
-    if node is None:
-        return _absent_parent(key, parent, root)
-    keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
-    near = difflib.get_close_matches(leaf, keys, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(f'{parent}.{k}' if parent else k for k in near)}? " if near else ""
-    return f"unknown config key '{key}'; {hint}python run.py --cfg job lists the keys"
-
-
-def _absent_parent(key: str, parent: str, root: DictConfig) -> str:
-    """`probe.sensitivity.steps=5` where the run selects probe=[transfer]: the key exists, in a
-    part of the config this run leaves out; a misspelt parent gets its near match."""
-    outer, _, name = parent.rpartition(".")
-    node = OmegaConf.select(root, outer) if outer else root
-    siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
-    near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.8)
-    hint = f"did you mean {outer + '.' if outer else ''}{near[0]}{key[len(parent):]}? " if near else ""
+    listing = "python run.py --cfg job lists the keys"
+    for depth in range(1, len(parts)):
+        node = OmegaConf.select(root, ".".join(parts[:depth]), default=_ABSENT)
+        if node is _ABSENT:
+            break
+        if not isinstance(node, DictConfig):
+            return f"unknown config key '{key}': {'.'.join(parts[:depth])} is a value, not a group; {listing}"
+    else:
+        depth = len(parts)
+    outer, name, rest = ".".join(parts[:depth - 1]), parts[depth - 1], ".".join(parts[depth:])
     probes = GlobalHydra.instance().config_loader().get_group_options("probe")
     if outer == "probe" and name in probes:
         return f"'{key}' sets probe {name}, which this run does not select; drop it or add {name} to probe=[...]"
-    return f"unknown config key '{key}'; {hint}python run.py --cfg job lists the keys"
+    node = OmegaConf.select(root, outer) if outer else root
+    siblings = {str(k) for k in node} | (set(probes) if outer == "probe" else set())
+    near = difflib.get_close_matches(name, sorted(siblings - {name}), n=3, cutoff=0.6)
+    spelled = [".".join(p for p in (outer, k, rest) if p) for k in near]
+    hint = f"did you mean {' or '.join(spelled)}? " if near else ""
+    return f"unknown config key '{key}'; {hint}{listing}"
 
 
 def _unknown_option(err: MissingConfigException) -> str:

@@ -15,6 +15,7 @@ from brainrobust.probes.ascent import ascend
 from brainrobust.probes.attack import (
     AttackRuntime,
     PGDConfig,
+    check_budget,
     clamp_to_box,
     expand_ladder,
     norm_of,
@@ -458,3 +459,20 @@ def test_bad_inputs_to_pgd_and_objectives():
         make_objective(enc.train(), "A", "abs", x)
     with pytest.raises(ConfigError, match="amp_dtype"):
         AttackRuntime(amp_dtype="int8")
+
+
+# The bounds: L-inf 1e-6 and 1 per pixel; L2 1e-6 and 1 times sqrt(3 S^2) (110.85 at 64 px,
+# 387.98 at 224 px).
+@pytest.mark.parametrize("eps,norm,size,refused", [
+    (1.2e-4, "l2", 64, None), (1.1e-4, "l2", 64, "is below 0.00011"),
+    (4.0e-4, "l2", 224, None), (3.8e-4, "l2", 224, "is below 0.00039"),
+    (110.8, "l2", 64, None), (110.9, "l2", 64, "reaches the largest l2"),
+    (1e-6, "linf", 64, None), (9.9e-7, "linf", 224, "is below 1e-06"),
+    (0.999, "linf", 224, None), (1.0, "linf", 64, "reaches the largest linf"),
+])
+def test_budgets_are_refused_at_their_bounds_and_kept_inside(eps, norm, size, refused):
+    if refused is None:
+        check_budget([eps], norm, size)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_budget([eps], norm, size)

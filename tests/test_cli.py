@@ -61,14 +61,21 @@ def _preflight(argv, capsys):
     (["data=nsd", "data.root=null"], "data.root must be a folder, got None"),
     (["data.cache_dir="], "data.cache_dir must be a folder, got ''"),
     (["attack.norm=linf"], ("attack.norm=linf disagrees with epsilon.norm=l2, the norm of the eps "
-                            "ladder; pick the norm with epsilon=... (e.g. epsilon=linf)")),
+                            "ladder; pick the norm with epsilon=... (linf, or l2 / l2_small)")),
+    (["epsilon=linf", "attack.norm=l2"], "attack.norm=l2 disagrees with epsilon.norm=linf"),
+    (["probe=[transfer]", "probe.sensitivty.max_images=2"],
+     "did you mean probe.sensitivity.max_images?"),
+    (["probe=[mei]", "probe.targeted.images.n=2"],
+     "'probe.targeted.images.n' sets probe targeted, which this run does not select"),
+    (["probe.sensitivity.rois.x=1"], "probe.sensitivity.rois is a value, not a group"),
     (["probe=[transfer]", "probe.sensitivity.random_draws=1", "probe.sensitivity.max_images=2"],
      ("'probe.sensitivity.random_draws' sets probe sensitivity, which this run does not select; "
       "drop it or add sensitivity to probe=[...]")),
     (["probe.sensitivty.max_images=2"], ("unknown config key 'probe.sensitivty.max_images'; did "
                                          "you mean probe.sensitivity.max_images?")),
-    (["data.root=2024"], ("data.root must be a folder, got the number 2024; for a folder of that "
-                          "name, quote it: 'data.root=\"2024\"'")),
+    (["data.root=2024"], ("data.root must be a folder, got the number 2024; for a folder named "
+                          "so, quote the name as typed: 'data.root=\"NAME\"'")),
+    (["data.root=1e3"], "data.root must be a folder, got the number 1000.0"),
 ])
 def test_config_mistakes_are_one_line_and_exit_2(argv, words, capsys):
     code, err = _preflight(argv, capsys)
