@@ -151,13 +151,13 @@ def _unknown_key(key: str, overrides: list[str]) -> str:
     of `key` that this run's config lacks; where that part is a probe the run does not select
     (`probe=[transfer] probe.sensitivity.steps=5`), it says so."""
     parts = key.split(".")
+    listing = "python run.py --cfg job lists the keys"
     # Without every override below the same top-level key: another one there may fail alike.
     others = [o for o in overrides if not o.lstrip("+~").startswith((f"{parts[0]}.", f"{key}="))]
     try:
         root = compose("config", overrides=others)
     except (HydraException, OmegaConfBaseException):
-        return f"unknown config key '{key}'; python run.py --cfg job lists the keys"
-    listing = "python run.py --cfg job lists the keys"
+        return f"unknown config key '{key}'; {listing}"
     for depth in range(1, len(parts)):
         node = OmegaConf.select(root, ".".join(parts[:depth]), default=_ABSENT)
         if node is _ABSENT:
