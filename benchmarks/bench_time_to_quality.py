@@ -6,7 +6,8 @@ fewer steps. For each encoder and objective this measures a long reference (Auto
 and restarts, the best per image), then runs every attack at a growing step budget N and reports
 the first N whose result reaches `--quality` (0.99) of the reference, as the mean over images
 of objective / reference, with the image-steps (gradient steps per image at budget N, each
-restart's screened candidates included, x images) and CPU seconds of that run. It does so once
+restart's screened candidates included, x images; the forward pass in which an Auto-PGD run
+tries the mean of its last iterates is not a step and is not counted) and CPU seconds of that run. It does so once
 per seed of the random starts (`--seeds`) and reports each seed's figures and the median
 image-steps (the lower middle value for an even number of seeds: give an odd number): one seed's
 N can differ from another's by several grid steps.

@@ -332,6 +332,61 @@ def test_step_halving_finds_an_interior_optimum(norm):
     assert (fixed.objective.abs().sqrt() > 10 * reach / 128).all()
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_the_last_evaluation_tries_the_mean_of_the_last_iterates(norm):
+    # A recorder sees every point a run evaluates: its iterates, then (Auto-PGD) the mean of the
+    # last three, scaled out to the budget and put back in the box; PGD evaluates no mean.
+    encoder, _ = planted()
+    x = near_grey(4)
+    x[:, 0] = 1.0  # a white channel: the box binds on the mean too
+    objective = make_objective(encoder, "all", "pattern", x)
+    seen = []
+
+    def recorded(z):
+        seen.append(z.detach().clone() - x)
+        return objective(z)
+
+    eps = EPS[norm]
+    result = pgd(recorded, x, eps, PGDConfig(method="apgd", norm=norm, steps=6),
+                 generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 6 + 2
+    mean = torch.stack(seen[-4:-1]).mean(0)
+    scale = eps / mean.flatten(1).norm(dim=1) if norm == "l2" else eps / mean.flatten(1).abs().amax(1)
+    expected = torch.minimum(torch.maximum(mean * scale.view(-1, 1, 1, 1), -x), 1 - x)
+    torch.testing.assert_close(seen[-1], expected, rtol=0, atol=1e-6)
+    values = torch.stack([objective(x + d) for d in seen])
+    torch.testing.assert_close(result.objective, values.amax(0))  # kept where it is better
+    seen.clear()
+    pgd(recorded, x, eps, PGDConfig(norm=norm, steps=6), generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 6 + 1
+
+
+def test_the_mean_of_the_last_iterates_lifts_short_runs_on_a_relu_network():
+    # A random one-hidden-layer ReLU network whose units switch at the scale of the budget, as a
+    # random-init CNN's do: its gradient turns from iterate to iterate, so a short run's iterates
+    # scatter around the optimum. Eight images, the mean over them; averaging off is the control.
+    g = torch.Generator().manual_seed(0)
+    pixels, units, eps = 3 * SIZE * SIZE, 2000, 0.5
+    U = torch.randn(units, pixels, generator=g, dtype=torch.float64) / math.sqrt(pixels)
+    b = torch.randn(units, generator=g, dtype=torch.float64) * eps / math.sqrt(pixels)
+    c = torch.randn(units, generator=g, dtype=torch.float64) / math.sqrt(units)
+
+    def objective(z):
+        return torch.relu((z - 0.5).flatten(1) @ U.T + b) @ c
+
+    x = near_grey(8).double()
+    reference = pgd(objective, x, eps, PGDConfig(method="apgd", steps=400, restarts=4),
+                    generator=torch.Generator().manual_seed(9)).objective
+    quality = {}
+    for average_last in (1, 3):
+        cfg = PGDConfig(method="apgd", steps=6, average_last=average_last)
+        result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(0))
+        quality[average_last] = float((result.objective / reference).mean())
+    # Measured: 0.961 without the mean, 0.977 with it (a 40% smaller shortfall); a margin of
+    # 0.008 leaves room for another CPU's rounding, which can move a trajectory at a ReLU's kink.
+    assert quality[3] >= quality[1] + 0.008, quality
+
+
 def test_auto_pgd_keeps_the_engine_guarantees():
     encoder, W = planted(voxels=6, features=6)
     x = near_grey(3)

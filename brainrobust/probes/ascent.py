@@ -10,13 +10,16 @@ h_0 = step_size * eps (2 eps), m_0 = 0 and m_t = 0.25 after (their alpha = 0.75)
 (22%, then ever shorter intervals down to 6% of the steps) a sample halves its step where the
 objective rose in at most 75% of the steps since the previous checkpoint (oscillation), or where
 its best value has not grown since a checkpoint that did not halve (stall); such a sample
-restarts from its best iterate and gradient, with its momentum reset. Every decision is a
-per-sample `torch.where`: the loop never waits for the device.
+restarts from its best iterate and gradient, with its momentum reset. After the final iterate,
+a run with `average_last` > 1 (Auto-PGD's default) also evaluates the mean of its last iterates
+(Polyak averaging), scaled out to the boundary. Every decision is a per-sample `torch.where`: the
+loop never waits for the device.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +30,7 @@ from brainrobust.probes.attack_config import AttackRuntime, Objective, PGDConfig
 from brainrobust.probes.geometry import (
     TINY,
     constrain,
+    norm_of,
     random_direction,
     random_start,
     unit_direction,
@@ -65,11 +69,14 @@ def ascend(
     fallback = random_direction(x, cfg.norm, generator)
     rule = STEP_RULES[cfg.method](cfg, eps_b)
     best = _Best(delta, keep_grad=rule.restarts_from_best)
-    history, previous = [], delta
+    history, previous, recent = [], delta, deque(maxlen=cfg.average_last)
     for t in range(cfg.steps + 1):
         last = t == cfg.steps  # the final iterate is only evaluated, not stepped from
         objective, grad = _evaluate(fn, x, delta, runtime, need_grad=not last)
         best.update(t, objective, delta, grad)
+        if last and 1 < cfg.average_last <= cfg.steps:
+            mean = _extended_mean(x, recent, eps_b, cfg)
+            best.update(t, _evaluate(fn, x, mean, runtime, need_grad=False)[0], mean, None)
         history.append(best.objective)
         if last:
             break
@@ -82,6 +89,7 @@ def ascend(
             _with_momentum(x, delta, previous, move, rule.momentum(t), eps_b, cfg),
             delta,
         )
+        recent.append(delta)
     return Ascent(best.delta, best.objective, best.step, relative_gain(history, cfg.conv_window))
 
 
@@ -90,6 +98,16 @@ def relative_gain(history: list[Tensor], window: float) -> Tensor:
     steps = len(history) - 1
     end, before = history[-1], history[math.floor((1 - window) * steps)]
     return (end - before) / end.abs().clamp_min(TINY)
+
+
+def _extended_mean(x: Tensor, recent: deque[Tensor], eps_b: Tensor, cfg: PGDConfig) -> Tensor:
+    """The mean of the latest iterates, scaled out to the budget's boundary (never in), then
+    constrained. The iterates scatter around the optimum (the gradient of a ReLU network changes
+    direction within a small fraction of eps), and their mean cancels much of that scatter."""
+    mean = torch.stack(tuple(recent)).mean(0)
+    length = norm_of(mean, cfg.norm).view_as(eps_b)
+    scale = torch.where(length > 0, eps_b / length.clamp_min(TINY), 1.0).clamp_min(1.0)
+    return constrain(x, mean * scale, eps_b, cfg.norm, cfg.clamp)
 
 
 def _evaluate(
