@@ -359,6 +359,12 @@ def test_the_last_evaluation_tries_the_mean_of_the_last_iterates(norm):
     seen.clear()
     pgd(recorded, x, eps, PGDConfig(norm=norm, steps=6), generator=torch.Generator().manual_seed(0))
     assert len(seen) == 6 + 1
+    # Screened candidates (3 steps each) are ranked where their runs got: only the restart's own
+    # run tries its mean.
+    seen.clear()
+    pgd(recorded, x, eps, PGDConfig(method="apgd", norm=norm, steps=30, candidates=2),
+        generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 2 * (3 + 1) + 30 + 2
 
 
 def test_the_mean_of_the_last_iterates_lifts_short_runs_on_a_relu_network():

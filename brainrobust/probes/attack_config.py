@@ -61,8 +61,9 @@ class PGDConfig:
     candidate_fraction : the length of each candidate's short run, as a fraction of `steps`.
     average_last : after its final iterate, a run also evaluates the mean of its last
         `average_last` iterates (Polyak averaging), scaled out to the budget's boundary and kept
-        if better: one forward pass, no gradient. 1: off (runs shorter than it skip it). None:
-        the method's default (`DEFAULT_AVERAGE_LAST`: PGD 1, Auto-PGD 3).
+        if better: one forward pass, no gradient. 1: off (runs shorter than it, and screened
+        candidates, skip it). None: the method's default (`DEFAULT_AVERAGE_LAST`: PGD 1,
+        Auto-PGD 3).
     clamp : keep x + delta in [0, 1].
     conv_window : the last fraction of the steps over which `conv_gain` is measured.
     conv_gain_max, conv_spread_max : a result counts as converged when its best objective grew by
