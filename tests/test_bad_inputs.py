@@ -46,7 +46,7 @@ def _snapshot(path: Path) -> dict[str, str]:
 # (overrides, exception, words of the message)
 ROWS = [
     (["epsilon.ladder=[-0.1]"], ConfigError, "eps must be finite and > 0"),
-    (["epsilon.ladder=[nan]"], ConfigError, "eps must be finite and > 0"),
+    (["epsilon.ladder=[nan]"], ConfigError, "epsilon.ladder: every eps must be finite and > 0"),
     (["epsilon.ladder=[]"], ConfigError, "eps is empty"),
     (["epsilon.ladder=[true]"], ConfigError, "a flat list of them"),
     (["epsilon.ladder=[[0.1]]"], ConfigError, "a flat list of them"),

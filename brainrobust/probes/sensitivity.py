@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from brainrobust.errors import ConfigError
 from brainrobust.probes.attack import (
     AttackRuntime,
     PGDConfig,
@@ -60,7 +61,10 @@ class SensitivityProbe(Probe):
         self.attack = pgd_config(attack)
         self.compile = compile
         self.amp = amp
-        self.eps = validate_ladder(eps)
+        try:
+            self.eps = validate_ladder(eps)
+        except ConfigError as err:  # the probe reads the ladder users set as epsilon.ladder
+            raise ConfigError(f"epsilon.ladder: {err}") from None
         self.check(integers={"random_draws": (random_draws, 1), "batch_size": (batch_size, 1)},
                    choices={"objective": (objective, OBJECTIVES)})
         self.objective = objective
