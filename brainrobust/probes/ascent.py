@@ -101,13 +101,13 @@ def relative_gain(history: list[Tensor], window: float) -> Tensor:
 
 
 def _extended_mean(x: Tensor, recent: deque[Tensor], eps_b: Tensor, cfg: PGDConfig) -> Tensor:
-    """The mean of the latest iterates, scaled out to the budget's boundary (never in), then
-    constrained. The iterates scatter around the optimum (the gradient of a ReLU network changes
-    direction within a small fraction of eps), and their mean cancels much of that scatter."""
+    """The mean of the latest iterates, scaled out to the budget's boundary (a mean of points in
+    the ball lies in it), then constrained. The iterates scatter around the optimum (the gradient
+    of a ReLU network changes direction within a small fraction of eps), and their mean cancels
+    much of that scatter."""
     mean = torch.stack(tuple(recent)).mean(0)
-    length = norm_of(mean, cfg.norm).view_as(eps_b)
-    scale = torch.where(length > 0, eps_b / length.clamp_min(TINY), 1.0).clamp_min(1.0)
-    return constrain(x, mean * scale, eps_b, cfg.norm, cfg.clamp)
+    length = norm_of(mean, cfg.norm).view_as(eps_b).clamp_min(TINY)
+    return constrain(x, mean * (eps_b / length), eps_b, cfg.norm, cfg.clamp)
 
 
 def _evaluate(
