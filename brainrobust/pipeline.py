@@ -161,13 +161,22 @@ def claimed(store: RunStore) -> Iterator[None]:
 
 
 def check_budgets(cfg: DictConfig, size: int) -> None:
-    """Every probe's eps ladder or schedule against the stimulus size (`attack.check_budget`)."""
-    for node in (cfg.get("probe") or {}).values():
+    """Every probe's eps ladder or schedule against the stimulus size (`attack.check_budget`).
+    A refusal names the key to change: the one the user set (`epsilon.ladder`), where the
+    probe's value interpolates it, else the probe's own."""
+    for name, node in (cfg.get("probe") or {}).items():
         norm = node.get("norm") or (node.get("attack") or {}).get("norm") or cfg.epsilon.norm
+        raw = OmegaConf.to_container(node, resolve=False)
         for key in ("eps", "eps_schedule"):
-            if node.get(key) is not None:
-                value = node[key]
+            if node.get(key) is None:
+                continue
+            value, where = node[key], f"probe.{name}.{key}"
+            if OmegaConf.is_interpolation(node, key):
+                where = f"{raw[key].strip('${}')} ({where})"
+            try:
                 check_budget(list(value) if OmegaConf.is_list(value) else [value], norm, size)
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
 
 
 def compute(cfg: DictConfig, store: RunStore, spec: ModelSpec, dm: BrainDataModule,

@@ -142,14 +142,23 @@ def test_an_objective_refuses_an_encoder_put_in_train_mode_after_it_was_built():
         objective(x)
 
 
+# The message names the key to change: the ladder the user set, where the probe takes it from there.
+LADDER = r"^epsilon.ladder \(probe.sensitivity.eps\): "
+
+
 @pytest.mark.parametrize("overrides,words", [
-    (["epsilon.ladder=[1e9]"], "reaches the largest l2 distance"),
-    (["epsilon=linf", "epsilon.ladder=[2.0]"], "reaches the largest linf distance"),
+    (["epsilon.ladder=[1e9]"], LADDER + "eps .* reaches the largest l2 distance"),
+    (["epsilon=linf", "epsilon.ladder=[2.0]"], LADDER + "eps .* reaches the largest linf distance"),
     # Equal to the largest distance constrains nothing either.
-    (["epsilon=linf", "epsilon.ladder=[0.1,1.0]"], r"eps \[1.0\] reaches the largest linf"),
+    (["epsilon=linf", "epsilon.ladder=[0.1,1.0]"], LADDER + r"eps \[1.0\] reaches the largest linf"),
     # The twin's stimuli are 64 px: 1e-6 per pixel is an L2 norm of 1e-6 * sqrt(3 * 64**2).
-    (["epsilon.ladder=[1e-30,0.1]"], r"eps \[1e-30\] is below 0.00011, a change of 1e-06 per pixel"),
-    (["epsilon=linf", "epsilon.ladder=[5e-7]"], r"eps \[5e-07\] is below 1e-06"),
+    (["epsilon.ladder=[1e-30,0.1]"],
+     LADDER + r"eps \[1e-30\] is below 0.00011, a change of 1e-06 per pixel"),
+    (["epsilon=linf", "epsilon.ladder=[5e-7]"], LADDER + r"eps \[5e-07\] is below 1e-06"),
+    # A probe's own value is named as such.
+    (["probe.sensitivity.eps=[1e9]"], r"^probe.sensitivity.eps: eps \[1000000000.0\] reaches"),
+    (["probe=[sensitivity,targeted]", "probe.targeted.images.n=1", "probe.targeted.eps_schedule=[0.5,200.0]"],
+     r"^probe.targeted.eps_schedule: eps \[200.0\] reaches the largest l2"),
 ])
 def test_budgets_that_cannot_be_meant_are_refused(make_cfg, overrides, words):
     with pytest.raises(ConfigError, match=words):
