@@ -2,8 +2,9 @@
 
 At equal settings one step of brainrobust costs what one step of torchattacks costs (both are a
 forward and a backward pass of the same network; bench_attack.py), so speed comes from needing
-fewer steps. For each encoder and objective this measures a long reference (Auto-PGD, many steps
-and restarts, the best per image), then runs every attack at a growing step budget N and reports
+fewer steps. For each encoder and objective this measures a long reference (the best per image
+of two Auto-PGD attacks of many steps and restarts, one from plain random starts and one with
+the default's screened, mirrored starts: `long_reference`), then runs every attack at a growing step budget N and reports
 the first N whose result reaches `--quality` (0.99) of the reference, as the mean over images
 of objective / reference, with the image-steps (gradient steps per image at budget N, each
 restart's screened candidates included, x images; the forward pass in which an Auto-PGD run
@@ -128,12 +129,18 @@ class ObjectiveAsLogits(nn.Module):
         return torch.stack([value, torch.zeros_like(value)], dim=1)
 
 
+def settings_of(attack_config: str, **changes) -> dict:
+    """The search settings of conf/attack/<attack_config>.yaml (not its norm or steps), with
+    `changes`."""
+    settings = OmegaConf.to_container(OmegaConf.load(CONF / f"{attack_config}.yaml"))
+    settings = {k: v for k, v in settings.items() if k not in ("_target_", "norm", "steps")}
+    return {**settings, **changes}
+
+
 def ours(attack_config: str, **changes) -> tuple[Attack, Cost]:
     """An attack of conf/attack/ at budget N, with `changes`. Its cost counts the restarts the
     last run made per image (max_restarts lets the attack add some where they disagree)."""
-    settings = OmegaConf.to_container(OmegaConf.load(CONF / f"{attack_config}.yaml"))
-    settings = {k: v for k, v in settings.items() if k not in ("_target_", "norm", "steps")}
-    settings.update(changes)
+    settings = settings_of(attack_config, **changes)
     last = {}
 
     def run(encoder, objective, x, eps, steps, seed):
@@ -208,7 +215,8 @@ def main() -> None:
         parser.error(f"unknown --attacks {sorted(unknown)}; choose from {list(attacks)}")
     attacks = {key: attacks[key] for key in args.attacks.split(",")}
     print(f"L2 eps {args.eps}, {args.size} px, {args.batch} images, {args.voxels} voxels, "
-          f"{torch.get_num_threads()} threads; reference: Auto-PGD {args.ref_steps} steps x "
+          f"{torch.get_num_threads()} threads; reference: the best of two Auto-PGD attacks "
+          f"(plain and screened, mirrored starts) of {args.ref_steps} steps x "
           f"{args.ref_restarts} restarts; quality: mean objective / reference >= {args.quality}")
     if args.trajectory:
         print("\n| encoder | objective | attack (one run) | image-steps to quality | CPU s | "
@@ -224,8 +232,7 @@ def main() -> None:
         x = smooth_images(args.batch, args.size)
         for kind in args.objectives.split(","):
             objective = make_objective(encoder, "half" if kind == "abs" else "all", kind, x)
-            cfg = PGDConfig(method="apgd", norm="l2", steps=args.ref_steps, restarts=args.ref_restarts)
-            reference = pgd(objective, x, args.eps, cfg, generator=torch.Generator().manual_seed(9)).objective
+            reference = long_reference(objective, x, args.eps, args.ref_steps, args.ref_restarts)
             if args.trajectory:
                 print(_trajectories(model, kind, encoder, objective, x, args, reference), flush=True)
                 continue
@@ -236,6 +243,19 @@ def main() -> None:
             for label, (attack, cost) in attacks.values():
                 print(_time_to_quality(model, kind, label, attack, cost, encoder, objective, x,
                                        args, grid, reference), flush=True)
+
+
+def long_reference(objective, x: Tensor, eps: float, steps: int, restarts: int) -> Tensor:
+    """The best per image of two long Auto-PGD attacks, `steps` x `restarts`: one from plain
+    random starts, one with the default's screened and mirrored starts. Each finds optima the
+    other misses (on the random ResNet-18 the second one was up to 2.7% higher, and lower on
+    other images)."""
+    configs = (PGDConfig(method="apgd", norm="l2", steps=steps, restarts=restarts),
+               PGDConfig(norm="l2", **settings_of("apgd", steps=steps, restarts=restarts,
+                                                  max_restarts=None)))
+    values = [pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(9)).objective
+              for cfg in configs]
+    return torch.maximum(*values)
 
 
 def _trajectories(model, kind, encoder, objective, x, args, reference) -> str:
@@ -263,8 +283,9 @@ def _schedules(model, kind, schedules, objective, x, eps, reference) -> str:
     for schedule in schedules.split(","):
         steps, restarts, candidates, most = re.fullmatch(r"(\d+)x(\d+)(?:c(\d+))?(?:m(\d+))?",
                                                          schedule).groups()
-        cfg = PGDConfig(method="apgd", norm="l2", steps=int(steps), restarts=int(restarts),
-                        candidates=int(candidates or 1), max_restarts=int(most or restarts))
+        cfg = PGDConfig(norm="l2", **settings_of(
+            "apgd", steps=int(steps), restarts=int(restarts), candidates=int(candidates or 1),
+            max_restarts=int(most or restarts)))
         result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3))
         ratio = result.objective / reference
         rows.append(f"| {model} | {kind} | {schedule} | {result.restarts.double().mean():.2f} | "

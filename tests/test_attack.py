@@ -418,6 +418,7 @@ def test_hold_keeps_the_other_roi_nearly_fixed():
     ({"candidate_fraction": 0.0}, "candidate_fraction"),
     ({"candidate_fraction": math.nan}, "candidate_fraction"),
     ({"average_last": 0}, "average_last"), ({"average_last": 2.5}, "average_last"),
+    ({"mirror_candidates": "yes"}, "mirror_candidates"), ({"mirror_candidates": 1}, "mirror_candidates"),
     ({"restarts": 2, "max_restarts": 1}, "max_restarts must be an integer >= 2"),
     ({"max_restarts": 2.5}, "max_restarts"), ({"max_restarts": True}, "max_restarts"),
     ({"max_restarts": 3, "random_start": False}, "max_restarts=3 needs attack.random_start"),

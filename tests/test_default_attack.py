@@ -393,6 +393,74 @@ def test_the_mean_of_the_last_iterates_lifts_short_runs_on_a_relu_network():
     assert quality[3] >= quality[1] + 0.008, quality
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_mirrored_candidates_start_at_the_mirror_image_of_a_best_point(norm):
+    # A recorder sees every point the attack evaluates. Per restart: 4 candidates of 3 steps
+    # (4 evaluations each), then the restart's own 30 steps (32 evaluations, its mean included).
+    encoder, _ = planted()
+    x = near_grey(4)
+    objective = make_objective(encoder, "all", "pattern", x)
+    seen = []
+
+    def recorded(z):
+        seen.append(z.detach().clone() - x)
+        return objective(z)
+
+    def best(points):
+        values = torch.stack([objective(x + d) for d in points])
+        return torch.stack(points)[values.argmax(0), torch.arange(len(x))]
+
+    cfg = PGDConfig(method="apgd", norm=norm, steps=30, restarts=2, candidates=4,
+                    mirror_candidates=True)
+    pgd(recorded, x, EPS[norm], cfg, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 2 * (4 * 4 + 32)
+    exact = functools.partial(torch.testing.assert_close, rtol=0, atol=1e-7)
+    for restart in (0, 48):
+        exact(seen[restart + 4], -best(seen[restart:restart + 4]))  # candidate 1: mirror of 0
+        exact(seen[restart + 12], -best(seen[restart + 8:restart + 12]))  # 3 of 2
+        assert not torch.allclose(seen[restart + 8], -best(seen[restart + 4:restart + 8]))
+    exact(seen[48], -best(seen[16:48]))  # restart 2's first: the mirror of restart 1's best
+    seen.clear()
+    pgd(recorded, x, EPS[norm], replace(cfg, mirror_candidates=False),
+        generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(seen[4], -best(seen[:4]))
+
+
+@pytest.mark.parametrize("steps, restarts, candidates, weaker", [(10, 2, 4, 5), (100, 1, 2, 7)])
+def test_mirrored_candidates_find_the_stronger_of_a_mirror_pair(steps, restarts, candidates, weaker):
+    # A planted even objective made uneven by a quadratic term along its top direction v1:
+    # ||J d + beta (v1 . d)^2 u1|| has two local optima on the sphere ||d|| = eps, +eps v1 at
+    # eps s1 + beta eps^2 (the global one) and its mirror -eps v1 at eps s1 - beta eps^2 (0.82
+    # of it). A run settles in the pair's member its start leads to. With the mirrors, a later
+    # restart starts from the other member (the default's screening and two restarts, short
+    # runs), and within one restart the second candidate does (one restart of 2 candidates,
+    # long enough for a candidate to settle). No restarts added where two disagree; 32 images
+    # are 32 independent trials.
+    g = torch.Generator().manual_seed(0)
+    pixels, voxels, eps = 3 * SIZE * SIZE, 50, 0.5
+    U = torch.linalg.qr(torch.randn(voxels, voxels, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(pixels, voxels, generator=g, dtype=torch.float64))[0]
+    s = torch.cat([torch.tensor([2.0]), torch.linspace(1.0, 0.1, voxels - 1)]).double()
+    J, beta = U @ torch.diag(s) @ V.T, 0.1 * s[0] / eps
+    x = near_grey(32).double()
+
+    def objective(z):
+        d = (z - x).flatten(1)
+        return (d @ J.T + beta * (d @ V[:, 0]).pow(2)[:, None] * U[:, 0]).norm(dim=1)
+
+    optimum = eps * s[0] + beta * eps**2
+    quality = {}
+    for mirror in (False, True):
+        cfg = replace(default_attack("l2"), steps=steps, restarts=restarts, max_restarts=None,
+                      candidates=candidates, mirror_candidates=mirror)
+        result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(0))
+        quality[mirror] = result.objective / optimum
+    assert (quality[True] >= 0.99).all(), quality[True].min()
+    # Measured without the mirrors: `weaker` of the 32 images on the weaker optimum.
+    assert (quality[False] < 0.83).sum() >= weaker // 2, quality[False]
+    assert (quality[True] <= 1 + 1e-9).all()  # never above the closed-form optimum
+
+
 def test_auto_pgd_keeps_the_engine_guarantees():
     encoder, W = planted(voxels=6, features=6)
     x = near_grey(3)

@@ -59,6 +59,14 @@ class PGDConfig:
         continues from the best of them per sample. Cheap exploration of a rugged landscape, and
         of both signs of `abs`, which a restart otherwise commits to at its start.
     candidate_fraction : the length of each candidate's short run, as a fraction of `steps`.
+    mirror_candidates : with candidates > 1, every second candidate starts at the mirror image
+        (-delta) of the previous candidate's best point, and a restart after the first starts its
+        first candidate at the mirror image of the best point found so far. The objectives that
+        ask for a change of either sign (`abs`, `pattern`) are even to first order, so their
+        optima come in near-mirror pairs that only the network's nonlinearity tells apart, and a
+        run from a random start settles in one of the pair; a random start rarely lands in the
+        other. For one-signed objectives (`increase`, `decrease`) the mirror is a poor start
+        that the screening discards.
     average_last : after its final iterate, a run also evaluates the mean of its last
         `average_last` iterates (Polyak averaging), scaled out to the budget's boundary and kept
         if better: one forward pass, no gradient. 1: off (runs shorter than it, and screened
@@ -82,6 +90,7 @@ class PGDConfig:
     max_restarts: int | None = None
     candidates: int = 1
     candidate_fraction: float = 0.1
+    mirror_candidates: bool = False
     average_last: int | None = None
     clamp: bool = True
     conv_window: float = 0.25
@@ -93,7 +102,7 @@ class PGDConfig:
             raise ConfigError(f"attack.method must be one of {list(METHODS)}, got {self.method!r}")
         if self.norm not in NORMS:
             raise ConfigError(f"attack.norm must be one of {list(NORMS)}, got {self.norm!r}")
-        for name in ("random_start", "clamp"):
+        for name in ("random_start", "clamp", "mirror_candidates"):
             require_bool(f"attack.{name}", getattr(self, name))
         require_integer("attack.steps", self.steps, 1)
         require_integer("attack.restarts", self.restarts, 1)
