@@ -410,16 +410,19 @@ def test_mirrored_candidates_start_at_the_mirror_image_of_a_best_point(norm):
         values = torch.stack([objective(x + d) for d in points])
         return torch.stack(points)[values.argmax(0), torch.arange(len(x))]
 
-    cfg = PGDConfig(method="apgd", norm=norm, steps=30, restarts=2, candidates=4,
-                    mirror_candidates=True)
+    # A third restart, added where the two disagree at all (the recorder has no `rows`: the
+    # whole batch restarts).
+    cfg = PGDConfig(method="apgd", norm=norm, steps=30, restarts=2, max_restarts=3,
+                    candidates=4, mirror_candidates=True, conv_spread_max=0.0)
     pgd(recorded, x, EPS[norm], cfg, generator=torch.Generator().manual_seed(0))
-    assert len(seen) == 2 * (4 * 4 + 32)
+    assert len(seen) == 3 * (4 * 4 + 32)
     exact = functools.partial(torch.testing.assert_close, rtol=0, atol=1e-7)
-    for restart in (0, 48):
+    for restart in (0, 48, 96):
         exact(seen[restart + 4], -best(seen[restart:restart + 4]))  # candidate 1: mirror of 0
         exact(seen[restart + 12], -best(seen[restart + 8:restart + 12]))  # 3 of 2
         assert not torch.allclose(seen[restart + 8], -best(seen[restart + 4:restart + 8]))
     exact(seen[48], -best(seen[16:48]))  # restart 2's first: the mirror of restart 1's best
+    exact(seen[96], -best(seen[16:48] + seen[64:96]))  # restart 3's: of the best of both
     seen.clear()
     pgd(recorded, x, EPS[norm], replace(cfg, mirror_candidates=False),
         generator=torch.Generator().manual_seed(0))
