@@ -248,8 +248,7 @@ def main() -> None:
 def long_reference(objective, x: Tensor, eps: float, steps: int, restarts: int) -> Tensor:
     """The best per image of two long Auto-PGD attacks, `steps` x `restarts`: one from plain
     random starts, one with the default's screened and mirrored starts. Each finds optima the
-    other misses (on the random ResNet-18 the second one was up to 2.7% higher, and lower on
-    other images)."""
+    other misses (by up to a few percent per image on the random ResNet-18)."""
     configs = (PGDConfig(method="apgd", norm="l2", steps=steps, restarts=restarts),
                PGDConfig(norm="l2", **settings_of("apgd", steps=steps, restarts=restarts,
                                                   max_restarts=None)))

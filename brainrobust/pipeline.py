@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -160,19 +161,23 @@ def claimed(store: RunStore) -> Iterator[None]:
         yield
 
 
+# An interpolation that names one key (`${epsilon.ladder}`), not a resolver or a relative one.
+_PLAIN_REFERENCE = re.compile(r"\$\{(\w[\w.\[\]]*)\}")
+
+
 def check_budgets(cfg: DictConfig, size: int) -> None:
     """Every probe's eps ladder or schedule against the stimulus size (`attack.check_budget`).
     A refusal names the key to change: the one the user set (`epsilon.ladder`), where the
     probe's value interpolates it, else the probe's own."""
     for name, node in (cfg.get("probe") or {}).items():
         norm = node.get("norm") or (node.get("attack") or {}).get("norm") or cfg.epsilon.norm
-        raw = OmegaConf.to_container(node, resolve=False)
         for key in ("eps", "eps_schedule"):
             if node.get(key) is None:
                 continue
             value, where = node[key], f"probe.{name}.{key}"
             if OmegaConf.is_interpolation(node, key):
-                where = f"{raw[key].strip('${}')} ({where})"
+                source = _PLAIN_REFERENCE.fullmatch(OmegaConf.to_container(node, resolve=False)[key])
+                where = f"{source[1]} ({where})" if source else where
             try:
                 check_budget(list(value) if OmegaConf.is_list(value) else [value], norm, size)
             except ConfigError as error:

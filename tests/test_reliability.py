@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers import REPO, config_maker, isolated
+from omegaconf import OmegaConf
 
 from brainrobust import files, pipeline
 from brainrobust.cli import main as cli_main
@@ -140,6 +142,21 @@ def test_an_objective_refuses_an_encoder_put_in_train_mode_after_it_was_built():
     encoder.train()
     with pytest.raises(ConfigError, match="eval mode"):
         objective(x)
+
+
+@pytest.mark.parametrize("eps, where", [
+    ("${epsilon.ladder}", "epsilon.ladder (probe.p.eps)"),
+    ("${oc.select:epsilon.ladder,[0.1]}", "probe.p.eps"),  # a resolver: the probe's own key
+    ("${probe.q.eps}", "probe.q.eps (probe.p.eps)"),
+    ([0.1, "${epsilon.big}"], "probe.p.eps"),  # interpolated elements: the list's key
+])
+def test_a_refused_budget_names_the_key_it_came_from(eps, where):
+    from brainrobust.pipeline import check_budgets
+
+    cfg = OmegaConf.create({"epsilon": {"norm": "l2", "ladder": [1e9], "big": 1e9},
+                            "probe": {"p": {"eps": eps}, "q": {"eps": [1e9]}}})
+    with pytest.raises(ConfigError, match=r"^" + re.escape(where) + ": eps .* reaches the largest"):
+        check_budgets(cfg, 64)
 
 
 # The message names the key to change: the ladder the user set, where the probe takes it from there.

@@ -209,10 +209,8 @@ def pgd(
     eps_b = eps.view(-1, *([1] * (x.dim() - 1)))
 
     with torch.enable_grad():
-        runs: list[Ascent] = []
-        for _ in range(cfg.restarts):
-            prior = _best_of(runs, eps_b)[0].delta if runs else None
-            runs.append(_restart(objective_fn, fn, x, eps_b, cfg, generator, runtime, prior))
+        runs = [_restart(objective_fn, fn, x, eps_b, cfg, generator, runtime)
+                for _ in range(cfg.restarts)]
         best, spread = _best_of(runs, eps_b)
         restarts = torch.full_like(best.steps_used, cfg.restarts)
         # Further restarts for the images whose best is unconfirmed: one host sync each, none
@@ -226,8 +224,7 @@ def pgd(
             rows = (unconfirmed.nonzero().squeeze(1) if subsets
                     else torch.arange(len(x), device=x.device))
             sub = objective_fn.rows(rows) if subsets else objective_fn
-            run = _restart(sub, runtime.wrap(sub), x[rows], eps_b[rows], cfg, more, runtime,
-                           best.delta[rows])
+            run = _restart(sub, runtime.wrap(sub), x[rows], eps_b[rows], cfg, more, runtime)
             runs.append(_widen(run, rows, eps_b))
             restarts[rows] += 1
             best, spread = _best_of(runs, eps_b)
@@ -306,12 +303,10 @@ def random_perturbation(
 
 
 def _restart(objective_fn: Objective, fn: Objective, x: Tensor, eps_b: Tensor, cfg: PGDConfig,
-             generator: torch.Generator | None, runtime: AttackRuntime,
-             prior: Tensor | None) -> Ascent:
+             generator: torch.Generator | None, runtime: AttackRuntime) -> Ascent:
     """One restart: its screened start, its run, and (under autocast) its best value read again
-    in the images' dtype by `objective_fn` (`fn` is the runtime's wrap of it). `prior`: the best
-    point of the earlier restarts, if any."""
-    start = _screened_start(fn, x, eps_b, cfg, generator, runtime, prior)
+    in the images' dtype by `objective_fn` (`fn` is the runtime's wrap of it)."""
+    start = _screened_start(fn, x, eps_b, cfg, generator, runtime)
     run = ascend(fn, x, eps_b, cfg, generator, runtime, start=start)
     if runtime.amp_dtype is not None:
         with torch.no_grad():
@@ -338,12 +333,12 @@ def _widen(run: Ascent, rows: Tensor, eps_b: Tensor) -> Ascent:
 
 
 def _screened_start(fn: Objective, x: Tensor, eps_b: Tensor, cfg: PGDConfig,
-                    generator: torch.Generator | None, runtime: AttackRuntime,
-                    prior: Tensor | None) -> Tensor | None:
+                    generator: torch.Generator | None, runtime: AttackRuntime) -> Tensor | None:
     """The best point per sample of `cfg.candidates` short runs (None: a restart takes one
-    random start). Their starts are random; with `cfg.mirror_candidates`, every second one
-    starts at the mirror image (-delta) of the previous one's best point, and the first one of
-    a later restart at the mirror image of the earlier restarts' best point (`prior`)."""
+    random start). Their starts are random; with `cfg.mirror_candidates` every second one
+    starts at the mirror image (-delta, put back in the box) of the previous one's best point.
+    Nothing carries over from an earlier restart, so a restart that agrees with another
+    confirms it independently (conv_spread)."""
     if cfg.candidates == 1:
         return None
     # No mean of the last iterates here: a short run still takes long steps, so its last iterates
@@ -352,9 +347,9 @@ def _screened_start(fn: Objective, x: Tensor, eps_b: Tensor, cfg: PGDConfig,
     short = replace(cfg, steps=cfg.candidate_steps, average_last=1)
     runs: list[Ascent] = []
     for k in range(cfg.candidates):
-        mirrored = runs[-1].delta if k % 2 else prior if k == 0 else None
-        start = -mirrored if cfg.mirror_candidates and mirrored is not None else None
-        runs.append(ascend(fn, x, eps_b, short, generator, runtime, start=start))
+        mirrored = cfg.mirror_candidates and k % 2 == 1
+        runs.append(ascend(fn, x, eps_b, short, generator, runtime,
+                           start=-runs[-1].delta if mirrored else None))
     return _best_of(runs, eps_b)[0].delta
 
 

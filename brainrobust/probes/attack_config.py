@@ -54,19 +54,19 @@ class PGDConfig:
         whose restarts found different optima get more exploration; the others cost no more.
         These restarts draw from a generator seeded by one draw of the caller's, so the
         caller's stream advances the same however many images restart.
-    candidates : random starts screened per restart (> 1 needs random_start): each runs
+    candidates : starts screened per restart (> 1 needs random_start): each runs
         `candidate_fraction` of `steps` steps of the method (at least one), and the restart
         continues from the best of them per sample. Cheap exploration of a rugged landscape, and
         of both signs of `abs`, which a restart otherwise commits to at its start.
     candidate_fraction : the length of each candidate's short run, as a fraction of `steps`.
     mirror_candidates : with candidates > 1, every second candidate starts at the mirror image
-        (-delta) of the previous candidate's best point, and a restart after the first starts its
-        first candidate at the mirror image of the best point found so far. The objectives that
-        ask for a change of either sign (`abs`, `pattern`) are even to first order, so their
-        optima come in near-mirror pairs that only the network's nonlinearity tells apart, and a
-        run from a random start settles in one of the pair; a random start rarely lands in the
-        other. For one-signed objectives (`increase`, `decrease`) the mirror is a poor start
-        that the screening discards.
+        (-delta, put back in the box) of the previous candidate's best point. The objectives
+        that ask for a change of either sign (`abs`, `pattern`) are even to first order, so
+        their optima come in near-mirror pairs that only the network's nonlinearity tells
+        apart, and a run from a random start settles in one of the pair. Nothing carries over
+        between restarts, so they stay independent. For one-signed objectives (`increase`,
+        `decrease`) the mirror is a poor start that the screening discards, leaving half as
+        many random starts in play.
     average_last : after its final iterate, a run also evaluates the mean of its last
         `average_last` iterates (Polyak averaging), scaled out to the budget's boundary and kept
         if better: one forward pass, no gradient. 1: off (runs shorter than it, and screened
