@@ -2,16 +2,16 @@
 
 At equal settings one step of brainrobust costs what one step of torchattacks costs (both are a
 forward and a backward pass of the same network; bench_attack.py), so speed comes from needing
-fewer steps. For each encoder and objective this measures a long reference (the best per image
-of two Auto-PGD attacks of many steps and restarts, one from plain random starts and one with
-the default's screened, mirrored starts: `long_reference`), then runs every attack at a growing step budget N and reports
-the first N whose result reaches `--quality` (0.99) of the reference, as the mean over images
-of objective / reference, with the image-steps (gradient steps per image at budget N, each
-restart's screened candidates included, x images; the forward pass in which an Auto-PGD run
-tries the mean of its last iterates is not a step and is not counted) and CPU seconds of that run. It does so once
-per seed of the random starts (`--seeds`) and reports each seed's figures and the median
-image-steps (the lower middle value for an even number of seeds: give an odd number): one seed's
-N can differ from another's by several grid steps.
+fewer steps. For each encoder and objective this measures a long reference (the best per image of
+two Auto-PGD attacks of many steps and restarts, one from plain random starts and one with the
+default's screened, mirrored starts: `long_reference`), then runs every attack at a growing step
+budget N and reports the first N whose result reaches `--quality` (0.99) of the reference, as the
+mean over images of objective / reference, with the image-steps (gradient steps per image at budget
+N, each restart's screened candidates included, x images; the forward pass in which an Auto-PGD run
+tries the mean of its last iterates is not a step and is not counted) and CPU seconds of that run.
+It does so once per seed of the random starts (`--seeds`) and reports each seed's figures and the
+median image-steps (the lower middle value for an even number of seeds: give an odd number): one
+seed's N can differ from another's by several grid steps.
 
 Encoders: the zoo's random-init CNNs (tiny_cnn_random, resnet18_random) at `--size` px with a
 random linear readout of `--voxels` voxels; objectives "abs" (ROI mean of the first half of the
