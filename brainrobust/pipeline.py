@@ -108,7 +108,16 @@ def build_probes(cfg: DictConfig) -> list[Probe]:
     for name, probe_cfg in (cfg.get("probe") or {}).items():
         # force=true at the top redoes every probe of the run, not only the run's DONE marker.
         overrides = {"force": True} if cfg.force else {}
-        probe = build(probe_cfg, _convert_="all", **overrides)
+        try:
+            probe = build(probe_cfg, _convert_="all", **overrides)
+        except ConfigError as error:
+            # A probe names its own key (`probe.<name>.<key> ...`); the user may have set the
+            # value elsewhere, under the key the probe's config interpolates.
+            named = re.match(rf"probe\.{re.escape(name)}\.(\w+)(?![\w.])", str(error))
+            if named is None or named[1] not in probe_cfg:
+                raise
+            raise ConfigError(key_source(probe_cfg, name, named[1])
+                              + str(error)[named.end():]) from None
         if not isinstance(probe, Probe):
             raise ConfigError(f"probe.{name} does not build a brainrobust Probe (got {type(probe).__name__})")
         probes.append(probe)
@@ -165,23 +174,29 @@ def claimed(store: RunStore) -> Iterator[None]:
 _PLAIN_REFERENCE = re.compile(r"\$\{(\w[\w.\[\]]*)\}")
 
 
+def key_source(node: DictConfig, name: str, key: str) -> str:
+    """`probe.<name>.<key>`, after the key the user set where the probe's value is a plain
+    interpolation of it: `epsilon.ladder (probe.sensitivity.eps)`."""
+    where = f"probe.{name}.{key}"
+    if OmegaConf.is_interpolation(node, key):
+        source = _PLAIN_REFERENCE.fullmatch(OmegaConf.to_container(node, resolve=False)[key])
+        where = f"{source[1]} ({where})" if source else where
+    return where
+
+
 def check_budgets(cfg: DictConfig, size: int) -> None:
     """Every probe's eps ladder or schedule against the stimulus size (`attack.check_budget`).
-    A refusal names the key to change: the one the user set (`epsilon.ladder`), where the
-    probe's value interpolates it, else the probe's own."""
+    A refusal names the key to change (`key_source`)."""
     for name, node in (cfg.get("probe") or {}).items():
         norm = node.get("norm") or (node.get("attack") or {}).get("norm") or cfg.epsilon.norm
         for key in ("eps", "eps_schedule"):
             if node.get(key) is None:
                 continue
-            value, where = node[key], f"probe.{name}.{key}"
-            if OmegaConf.is_interpolation(node, key):
-                source = _PLAIN_REFERENCE.fullmatch(OmegaConf.to_container(node, resolve=False)[key])
-                where = f"{source[1]} ({where})" if source else where
+            value = node[key]
             try:
                 check_budget(list(value) if OmegaConf.is_list(value) else [value], norm, size)
             except ConfigError as error:
-                raise ConfigError(f"{where}: {error}") from None
+                raise ConfigError(f"{key_source(node, name, key)}: {error}") from None
 
 
 def compute(cfg: DictConfig, store: RunStore, spec: ModelSpec, dm: BrainDataModule,

@@ -46,7 +46,14 @@ def _snapshot(path: Path) -> dict[str, str]:
 # (overrides, exception, words of the message)
 ROWS = [
     (["epsilon.ladder=[-0.1]"], ConfigError, "eps must be finite and > 0"),
-    (["epsilon.ladder=[nan]"], ConfigError, "epsilon.ladder: every eps must be finite and > 0"),
+    (["epsilon.ladder=[nan]"], ConfigError,
+     "epsilon.ladder (probe.sensitivity.eps): every eps must be finite and > 0"),
+    # A probe's own value is named as the probe's key; an interpolated one by the key set.
+    (["probe.sensitivity.eps=[nan]"], ConfigError, "probe.sensitivity.eps: every eps must be finite"),
+    (["probe=[sensitivity,targeted]", "probe.targeted.eps_schedule=[0.5,nan]"], ConfigError,
+     "probe.targeted.eps_schedule: every eps must be finite and > 0"),
+    (["probe=[sensitivity,effect_matched]", "probe.sensitivity.eps=[0.1]", "epsilon.ladder=[-1.0]"],
+     ConfigError, "epsilon.ladder[0] (probe.effect_matched.eps_min) must be a finite number > 0"),
     (["epsilon.ladder=[]"], ConfigError, "eps is empty"),
     (["epsilon.ladder=[true]"], ConfigError, "a flat list of them"),
     (["epsilon.ladder=[[0.1]]"], ConfigError, "a flat list of them"),

@@ -151,12 +151,10 @@ def test_an_objective_refuses_an_encoder_put_in_train_mode_after_it_was_built():
     ([0.1, "${epsilon.big}"], "probe.p.eps"),  # interpolated elements: the list's key
 ])
 def test_a_refused_budget_names_the_key_it_came_from(eps, where):
-    from brainrobust.pipeline import check_budgets
-
     cfg = OmegaConf.create({"epsilon": {"norm": "l2", "ladder": [1e9], "big": 1e9},
                             "probe": {"p": {"eps": eps}, "q": {"eps": [1e9]}}})
     with pytest.raises(ConfigError, match=r"^" + re.escape(where) + ": eps .* reaches the largest"):
-        check_budgets(cfg, 64)
+        pipeline.check_budgets(cfg, 64)
 
 
 # The message names the key to change: the ladder the user set, where the probe takes it from there.

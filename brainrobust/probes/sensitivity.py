@@ -63,8 +63,8 @@ class SensitivityProbe(Probe):
         self.amp = amp
         try:
             self.eps = validate_ladder(eps)
-        except ConfigError as err:  # the probe reads the ladder users set as epsilon.ladder
-            raise ConfigError(f"epsilon.ladder: {err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"probe.{self.name}.eps: {err}") from None
         self.check(integers={"random_draws": (random_draws, 1), "batch_size": (batch_size, 1)},
                    choices={"objective": (objective, OBJECTIVES)})
         self.objective = objective

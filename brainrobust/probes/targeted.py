@@ -52,13 +52,15 @@ PERCEPTUAL = ("l2", "linf", "psnr", "ssim")
 
 def validate_schedule(eps_schedule: Sequence[float]) -> torch.Tensor:
     """A strictly increasing list of finite budgets > 0, as float64; ConfigError otherwise."""
+    key = "probe.targeted.eps_schedule"
     if isinstance(eps_schedule, (int, float, str)) or eps_schedule is None:
-        raise ConfigError(f"targeted.eps_schedule must be a list of budgets, got {eps_schedule!r}")
-    values = validate_eps(list(eps_schedule))  # strictly increasing below: no repeats either
+        raise ConfigError(f"{key} must be a list of budgets, got {eps_schedule!r}")
+    try:
+        values = validate_eps(list(eps_schedule))  # strictly increasing below: no repeats either
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
     if len(values) > 1 and not bool((values[1:] > values[:-1]).all()):
-        raise ConfigError(
-            f"targeted.eps_schedule must be strictly increasing, got {values.tolist()}"
-        )
+        raise ConfigError(f"{key} must be strictly increasing, got {values.tolist()}")
     return values
 
 
