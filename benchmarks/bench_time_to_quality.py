@@ -3,9 +3,9 @@
 At equal settings one step of brainrobust costs what one step of torchattacks costs (both are a
 forward and a backward pass of the same network; bench_attack.py), so speed comes from needing
 fewer steps. For each encoder and objective this measures a long reference (the best per image of
-two Auto-PGD attacks of many steps and restarts, one from plain random starts and one with the
-default's screened, mirrored starts: `long_reference`), then runs every attack at a growing step
-budget N and reports the first N whose result reaches `--quality` (0.99) of the reference, as the
+three attacks of many steps and restarts: Auto-PGD from plain random starts and with the
+default's screened, mirrored starts, and the default itself: `long_reference`), then runs every
+attack at a growing step budget N and reports the first N whose result reaches `--quality` (0.99) of the reference, as the
 mean over images of objective / reference, with the image-steps (gradient steps per image at budget
 N, each restart's screened candidates included, x images; the forward pass in which an Auto-PGD run
 tries the mean of its last iterates is not a step and is not counted) and CPU seconds of that run.
@@ -35,10 +35,11 @@ screened candidates, all one after the other);
 PGDL2: alpha 0.2 eps, 400 steps (a fixed step makes N steps the first N of a longer run, so this
 is the sweep's answer read in one run); torchattacks APGD: 100 steps.
 
-`--schedules 100x2,200x1,...` instead reports, for Auto-PGD at each fixed schedule (steps x
-restarts, optionally cK: K screened candidates per restart, and mM: up to M restarts while some
-image's best is unconfirmed, e.g. 100x2c4m4), the restarts run (mean per image), the quality
-reached and the share of images the convergence report calls converged.
+`--schedules 100x2,apgd:200x1,...` instead reports, per seed, for an attack of conf/attack/
+(NAME:, the default cosine without one) at each fixed schedule (steps x restarts, optionally cK:
+K screened candidates per restart, and mM: up to M restarts while some image's best is
+unconfirmed, e.g. 100x2c4m4, the default), the restarts run (mean per image), the quality
+reached (mean and worst image) and the share of images the convergence report calls converged.
 
 The RESULTS.md tables (2-core CPU, `--attacks default,pgdl2` over 3 seeds about 15 min per
 encoder at eps 0.1; all five attacks on one seed about 15 min per TinyCNN eps and 40 min for
@@ -51,9 +52,9 @@ ResNet-18):
         --grid 3,4,5,6,8,10,15,20,30,40,50,70,100,140,200,280,400
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 1.0 --threads 1 \
-        --ref-restarts 10 --schedules 100x2c4m4,100x4c4,200x2c4m4,300x2c4m4,1000x2c4m4
-    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1 \
-        --schedules 100x2,200x1,100x1,50x2
+        --seeds 3,4,5 --schedules 100x2c4m4,apgd:100x2c4m4
+    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 1.0 --threads 1 \
+        --seeds 3,4,5 --schedules 100x2c4m4,apgd:100x2c4m4 --ref-restarts 10 --ref-auto-pgd-only
     python benchmarks/bench_time_to_quality.py --eps 0.1 --ref-restarts 2 --threads 1 --trajectory
 """
 
@@ -130,11 +131,12 @@ class ObjectiveAsLogits(nn.Module):
 
 
 def settings_of(attack_config: str, **changes) -> dict:
-    """The search settings of conf/attack/<attack_config>.yaml (not its norm or steps), with
-    `changes`."""
-    settings = OmegaConf.to_container(OmegaConf.load(CONF / f"{attack_config}.yaml"))
-    settings = {k: v for k, v in settings.items() if k not in ("_target_", "norm", "steps")}
-    return {**settings, **changes}
+    """The search settings of conf/attack/<attack_config>.yaml (not its norm or steps), over
+    those of the configs its defaults list extends, with `changes`."""
+    node = OmegaConf.to_container(OmegaConf.load(CONF / f"{attack_config}.yaml"))
+    bases = [settings_of(base) for base in node.pop("defaults", []) if base != "_self_"]
+    settings = {k: v for k, v in node.items() if k not in ("_target_", "norm", "steps")}
+    return {k: v for layer in (*bases, settings, changes) for k, v in layer.items()}
 
 
 def ours(attack_config: str, **changes) -> tuple[Attack, Cost]:
@@ -190,20 +192,23 @@ def main() -> None:
                         help="random starts' seeds: each attack's sweep runs once per seed")
     parser.add_argument("--ref-steps", type=int, default=1000)
     parser.add_argument("--ref-restarts", type=int, default=4)
+    parser.add_argument("--ref-auto-pgd-only", action="store_true",
+                        help="the reference from Auto-PGD alone, without the default's long runs")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--trajectory", action="store_true",
                         help="one run per attack at its usual settings; count until the quality")
     parser.add_argument("--schedules", default="",
-                        help="e.g. 100x2,200x1: quality of Auto-PGD at these fixed steps x restarts")
+                        help="e.g. 100x2c4m4,apgd:100x2c4m4: quality of these attacks at fixed steps x restarts")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = [int(n) for n in args.grid.split(",")]
     args.seeds = [int(seed) for seed in args.seeds.split(",")]
     attacks = {
-        "default": ("brainrobust default (conf/attack/apgd.yaml)", ours("apgd")),
-        "one-restart": ("brainrobust apgd, 1 restart (4 candidates)",
-                        ours("apgd", restarts=1, max_restarts=None)),
+        "default": ("brainrobust default (conf/attack/cosine.yaml)", ours("cosine")),
+        "apgd": ("brainrobust Auto-PGD (conf/attack/apgd.yaml)", ours("apgd")),
+        "one-restart": ("brainrobust default, 1 restart (4 candidates)",
+                        ours("cosine", restarts=1, max_restarts=None)),
         "pgdl2": ("torchattacks PGDL2 (alpha 0.2 eps, its default)",
                   torchattacks_pgdl2(lambda e, n: 0.2 * e)),
         "pgdl2-madry": ("torchattacks PGDL2 (alpha 2.5 eps / N)",
@@ -215,15 +220,16 @@ def main() -> None:
         parser.error(f"unknown --attacks {sorted(unknown)}; choose from {list(attacks)}")
     attacks = {key: attacks[key] for key in args.attacks.split(",")}
     print(f"L2 eps {args.eps}, {args.size} px, {args.batch} images, {args.voxels} voxels, "
-          f"{torch.get_num_threads()} threads; reference: the best of two Auto-PGD attacks "
-          f"(plain and screened, mirrored starts) of {args.ref_steps} steps x "
+          f"{torch.get_num_threads()} threads; reference: the best of Auto-PGD (plain and with "
+          f"screened, mirrored starts){'' if args.ref_auto_pgd_only else ' and the default'}, "
+          f"each {args.ref_steps} steps x "
           f"{args.ref_restarts} restarts; quality: mean objective / reference >= {args.quality}")
     if args.trajectory:
         print("\n| encoder | objective | attack (one run) | image-steps to quality | CPU s | "
               "quality at the end |\n|---|---|---|--:|--:|--:|")
     elif args.schedules:
-        print("\n| encoder | objective | steps x restarts | restarts run (mean) | quality (mean / min) | "
-              "converged |\n|---|---|---|--:|--:|--:|")
+        print("\n| encoder | objective | schedule | restarts run (mean), per seed | quality (mean), per "
+              "seed | quality (min), per seed | converged, per seed |\n|---|---|---|--:|--:|--:|--:|")
     else:
         print("\n| encoder | objective | attack | N per seed | image-steps per seed | median image-steps | "
               "CPU s per seed |\n|---|---|---|--:|--:|--:|--:|")
@@ -232,12 +238,14 @@ def main() -> None:
         x = smooth_images(args.batch, args.size)
         for kind in args.objectives.split(","):
             objective = make_objective(encoder, "half" if kind == "abs" else "all", kind, x)
-            reference = long_reference(objective, x, args.eps, args.ref_steps, args.ref_restarts)
+            reference = long_reference(objective, x, args.eps, args.ref_steps, args.ref_restarts,
+                                       args.ref_auto_pgd_only)
             if args.trajectory:
                 print(_trajectories(model, kind, encoder, objective, x, args, reference), flush=True)
                 continue
             if args.schedules:
-                print(_schedules(model, kind, args.schedules, objective, x, args.eps, reference),
+                print(_schedules(model, kind, args.schedules, objective, x, args.eps, reference,
+                                 args.seeds),
                       flush=True)
                 continue
             for label, (attack, cost) in attacks.values():
@@ -245,21 +253,25 @@ def main() -> None:
                                        args, grid, reference), flush=True)
 
 
-def long_reference(objective, x: Tensor, eps: float, steps: int, restarts: int) -> Tensor:
-    """The best per image of two long Auto-PGD attacks, `steps` x `restarts`: one from plain
-    random starts, one with the default's screened and mirrored starts. Each finds optima the
-    other misses (by up to a few percent per image on the random ResNet-18)."""
+def long_reference(objective, x: Tensor, eps: float, steps: int, restarts: int,
+                   auto_pgd_only: bool = False) -> Tensor:
+    """The best per image of three long attacks, `steps` x `restarts`: Auto-PGD from plain
+    random starts, Auto-PGD with the default's screened and mirrored starts (attack=apgd) and
+    the default itself (attack=cosine; left out with `auto_pgd_only`). Each finds optima the
+    others miss (by up to a few percent per image on the zoo's random CNNs)."""
+    names = ("apgd",) if auto_pgd_only else ("apgd", "cosine")
     configs = (PGDConfig(method="apgd", norm="l2", steps=steps, restarts=restarts),
-               PGDConfig(norm="l2", **settings_of("apgd", steps=steps, restarts=restarts,
-                                                  max_restarts=None)))
+               *(PGDConfig(norm="l2", **settings_of(name, steps=steps, restarts=restarts,
+                                                    max_restarts=None))
+                 for name in names))
     values = [pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(9)).objective
               for cfg in configs]
-    return torch.maximum(*values)
+    return torch.stack(values).amax(0)
 
 
 def _trajectories(model, kind, encoder, objective, x, args, reference) -> str:
     runs = {
-        "brainrobust default (100 x 2, 4 candidates)": (ours("apgd")[0], 100),
+        "brainrobust default (100 x 2, 4 candidates)": (ours("cosine")[0], 100),
         "torchattacks PGDL2 (alpha 0.2 eps)": (torchattacks_pgdl2(lambda e, n: 0.2 * e)[0], 400),
         "torchattacks APGD (100 steps)": (torchattacks_apgd()[0], 100),
     }
@@ -277,18 +289,23 @@ def _trajectories(model, kind, encoder, objective, x, args, reference) -> str:
     return "\n".join(rows)
 
 
-def _schedules(model, kind, schedules, objective, x, eps, reference) -> str:
+def _schedules(model, kind, schedules, objective, x, eps, reference, seeds) -> str:
     rows = []
     for schedule in schedules.split(","):
-        steps, restarts, candidates, most = re.fullmatch(r"(\d+)x(\d+)(?:c(\d+))?(?:m(\d+))?",
-                                                         schedule).groups()
+        name, steps, restarts, candidates, most = re.fullmatch(
+            r"(?:(\w+):)?(\d+)x(\d+)(?:c(\d+))?(?:m(\d+))?", schedule).groups()
         cfg = PGDConfig(norm="l2", **settings_of(
-            "apgd", steps=int(steps), restarts=int(restarts), candidates=int(candidates or 1),
-            max_restarts=int(most or restarts)))
-        result = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(3))
-        ratio = result.objective / reference
-        rows.append(f"| {model} | {kind} | {schedule} | {result.restarts.double().mean():.2f} | "
-                    f"{ratio.mean():.4f} / {ratio.min():.4f} | {result.converged.mean():.2f} |")
+            name or "cosine", steps=int(steps), restarts=int(restarts),
+            candidates=int(candidates or 1), max_restarts=int(most or restarts)))
+        results = [pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(seed))
+                   for seed in seeds]
+        ratios = [result.objective / reference for result in results]
+        rows.append(f"| {model} | {kind} | {schedule} | "
+                    + " | ".join(", ".join(f"{value:.{digits}f}" for value in values) for values, digits in (
+                        ([float(r.restarts.double().mean()) for r in results], 2),
+                        ([float(r.mean()) for r in ratios], 4), ([float(r.min()) for r in ratios], 4),
+                        ([float(r.converged.mean()) for r in results], 2)))
+                    + " |")
     return "\n".join(rows)
 
 

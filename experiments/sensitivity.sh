@@ -2,8 +2,8 @@
 # Q1 - How sensitive are brain models to small adversarial perturbations? (docs/method.md section 2)
 # Measures: sensitivity vs eps per model, and sensitivity vs predictivity across models
 # (the talk's "does adversarial sensitivity discriminate between equally well-predicting models").
-# Runs: every model in MODELS x subjects x ROIs, L2 ladder {0.01 .. 3}, the default attack (Auto-PGD, 100 steps x 2
-# restarts: conf/attack/apgd.yaml), 4 random draws.
+# Runs: every model in MODELS x subjects x ROIs, L2 ladder {0.01 .. 3}, the default attack
+# (annealed step, 100 steps x 2 restarts: conf/attack/cosine.yaml), 4 random draws.
 # Cost: see `python -m brainrobust.plan sensitivity` for the estimate from measured per-unit costs.
 # Usage: experiments/sensitivity.sh [extra hydra overrides, e.g. data=nsd data.root=/data/nsd]
 # By default MODELS are the two offline random-init networks (tiny_cnn_random, resnet18_random):

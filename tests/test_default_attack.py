@@ -1,6 +1,7 @@
 """The DEFAULT attack against known answers (issue 16): planted linear encoders whose optima are
-closed-form, at the composed default config; the convergence report on every record; Auto-PGD's
-mechanics and its torchattacks peer; and (slow) a long reference run on the zoo's random CNN.
+closed-form, at the composed default config; the convergence report on every record; the
+default's annealed step, Auto-PGD's mechanics and its torchattacks peer; and (slow) long
+reference runs on the zoo's random CNN.
 
 A planted encoder is f(x) = R B (x - 1/2): a linear "backbone" B (features x pixels) and a readout
 R (voxels x features), both Gaussian, so the voxel-pattern optimum eps * sigma_1(R B) has
@@ -16,6 +17,7 @@ the returned delta is recomputed in float64, so the encoder's own rounding plays
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import replace
 
@@ -302,7 +304,37 @@ def test_only_the_unconfirmed_images_restart():
         torch.testing.assert_close(objective(x + more.delta), more.objective)
 
 
-# --- Auto-PGD's mechanics ------------------------------------------------------------------------
+# --- the annealed step (the default) and Auto-PGD's mechanics -------------------------------------
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_the_annealed_step_falls_from_four_eps_to_nothing(norm):
+    # A recorder sees every iterate. The ball and the box are convex and hold the current
+    # iterate, so their projections move it by at most the step: move t <= h_t = 4 eps
+    # (1 + cos(pi t / T)) / 2, in the budget's norm, and the first move crosses much of the ball.
+    # (A fixed step, or one that shrank more slowly, would exceed the bound near the end.)
+    g = torch.Generator().manual_seed(0)
+    pixels, units, eps, steps = 3 * SIZE * SIZE, 500, EPS[norm], 20
+    U = torch.randn(units, pixels, generator=g, dtype=torch.float64) / math.sqrt(pixels)
+    c = torch.randn(units, generator=g, dtype=torch.float64) / math.sqrt(units)
+    seen = []
+
+    def objective(z):
+        seen.append(z.detach().clone())
+        return torch.relu((z - 0.5).flatten(1) @ U.T) @ c
+
+    x = near_grey(4).double()
+    cfg = default_attack(norm)
+    assert (cfg.method, cfg.step_size) == ("cosine", 4.0)
+    pgd(objective, x, eps, replace(cfg, steps=steps, restarts=1, max_restarts=None, candidates=1),
+        generator=torch.Generator().manual_seed(0))
+    assert len(seen) == steps + 1
+    moves = torch.stack([(b - a).flatten(1) for a, b in itertools.pairwise(seen)])
+    length = moves.norm(dim=2) if norm == "l2" else moves.abs().amax(2)
+    bound = torch.tensor([4 * eps * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)],
+                         dtype=torch.float64)
+    assert (length <= bound[:, None] * (1 + 1e-9) + 1e-12).all(), length / bound[:, None]
+    assert (length[0] >= 0.5 * eps).all(), length[0] / eps
+
 
 def test_checkpoints_are_croce_and_heins():
     # p_0 = 0, p_1 = 0.22, p_j+1 = p_j + max(p_j - p_j-1 - 0.03, 0.06): 0.22, 0.41, 0.57, ...
@@ -516,21 +548,33 @@ def test_as_strong_as_torchattacks_auto_pgd(norm, eps):
 # --- nonlinear encoders: the zoo's random-init CNN against a long reference ----------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm,eps", [("l2", 0.1), ("linf", 0.5 / 255)])
-def test_default_is_within_one_percent_of_a_long_reference_on_a_random_cnn(norm, eps):
-    # The smallest budget of the default ladders (l2_small, linf). Larger budgets reach the
-    # random network's rugged side, where even the reference's restarts disagree by 6-15% per
-    # image: there the default's screened starts reach 99.1-99.5% at 64 px (RESULTS.md) but
-    # 98.8% here at 32 px and eps 0.3 (relatively twice the budget), flagged unconverged.
+@pytest.mark.parametrize("norm,eps,references", [
+    ("l2", 0.1, ("cosine", "apgd")), ("linf", 0.5 / 255, ("cosine", "apgd")), ("l2", 1.0, ("apgd",)),
+])
+def test_default_is_within_one_percent_of_a_long_reference_on_a_random_cnn(norm, eps, references):
+    # The smallest budgets of the default ladders (l2_small, linf) and the largest L2 one. The
+    # reference is the best of long runs (400 steps x 4 restarts) of the default's schedule and
+    # Auto-PGD's, so it does not rest on the default's own search alone. At eps 1.0 the random
+    # network is rugged: one long Auto-PGD run lands a few percent apart from the next. There
+    # the test holds the default to Auto-PGD's long runs (the spec's reference): the default's
+    # own long anneal still climbs 1-2% beyond its 100 steps (at 64 px the default reached
+    # 98.5-98.8% of the best of both, Auto-PGD at its budget 95.5-96.3%; RESULTS.md), and the
+    # report flags those images.
     encoder = random_readout_encoder("tiny_cnn_random", size=32, voxels=100)
     x = smooth_images(6, 32)
     cfg = default_attack(norm)
-    long = PGDConfig(**{**cfg.__dict__, "steps": 400, "restarts": 4})
+    longs = []
+    for name in references:
+        composed = compose_config(f"attack={name}", *(["epsilon=linf"] if norm == "linf" else []))
+        attack_cfg = pgd_config(OmegaConf.to_container(composed.attack, resolve=True))
+        longs.append(replace(attack_cfg, steps=400, restarts=4, max_restarts=None))
     for kind in ("abs", "pattern"):
         objective = make_objective(encoder, "half", kind, x)
-        reference = pgd(objective, x, eps, long, generator=torch.Generator().manual_seed(9))
+        reference = torch.stack([pgd(objective, x, eps, long,
+                                     generator=torch.Generator().manual_seed(9)).objective
+                                 for long in longs]).amax(0)
         ours = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(0))
-        ratio = ours.objective / torch.maximum(reference.objective, ours.objective)
+        ratio = ours.objective / torch.maximum(reference, ours.objective)
         # A mean over images: the random CNN's optima differ by restart (conv_spread shows it),
         # so one image may land in a lower one; the study reports means over images.
         assert ratio.mean() >= 0.99, (kind, ratio)

@@ -28,7 +28,7 @@ CORE = ("norm_type", "objective", "attack_method", "attack_steps")
 EXTRA = ("seed", "image_size")
 SETTING = "cfg."
 NORM_LABELS = {"l2": "L2", "linf": "L-inf"}
-METHOD_LABELS = {"apgd": "Auto-PGD", "pgd": "PGD"}
+METHOD_LABELS = {"apgd": "Auto-PGD", "pgd": "PGD", "cosine": "cosine-annealed"}
 
 # Identity entries that define no slice: the encoder (the model column), the subject (averaged
 # or faceted), the ROIs (a record column), the budget ladder (the x axis), entries that the

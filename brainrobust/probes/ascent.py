@@ -1,4 +1,5 @@
-"""The step loop of one attack run, shared by PGD and Auto-PGD; they differ only in the step rule.
+"""The step loop of one attack run, shared by PGD, Auto-PGD and cosine; they differ only in the
+step rule.
 
 Every step, per sample (u = unit ascent direction, P = ball then box):
 
@@ -10,10 +11,12 @@ h_0 = step_size * eps (2 eps), m_0 = 0 and m_t = 0.25 after (their alpha = 0.75)
 (22%, then ever shorter intervals down to 6% of the steps) a sample halves its step where the
 objective rose in at most 75% of the steps since the previous checkpoint (oscillation), or where
 its best value has not grown since a checkpoint that did not halve (stall); such a sample
-restarts from its best iterate and gradient, with its momentum reset. After the final iterate,
-a run with `average_last` > 1 (Auto-PGD's default) also evaluates the mean of its last iterates
-(Polyak averaging), scaled out to the boundary. Every decision is a per-sample `torch.where`: the
-loop never waits for the device.
+restarts from its best iterate and gradient, with its momentum reset. Cosine: h_t = step_size *
+eps * (1 + cos(pi t / steps)) / 2 and m_t = 0; its long first steps (4 eps: a jump across the
+ball) cross the small linear pieces of a ReLU network and find its high region, the shrinking
+ones climb it. After the final iterate, a run with `average_last` > 1 (Auto-PGD's default) also
+evaluates the mean of its last iterates (Polyak averaging), scaled out to the boundary. Every
+decision is a per-sample `torch.where`: the loop never waits for the device.
 """
 
 from __future__ import annotations
@@ -210,6 +213,24 @@ class _AutoStep:
         return halve
 
 
+class _CosineStep:
+    """A step annealed from step_size * eps to 0 along half a cosine; no momentum, no restarts
+    from the best point (the best iterate is kept all the same)."""
+
+    restarts_from_best = False
+
+    def __init__(self, cfg: PGDConfig, eps_b: Tensor):
+        self.first, self.steps = cfg.step_size * eps_b, cfg.steps
+        self.length = self.first
+
+    def momentum(self, t: int) -> float:
+        return 0.0
+
+    def update(self, t: int, objective: Tensor, best: Tensor) -> Tensor | None:
+        self.length = self.first * 0.5 * (1 + math.cos(math.pi * t / self.steps))
+        return None
+
+
 def apgd_checkpoints(steps: int) -> list[int]:
     """Steps after which Auto-PGD checks progress: 22% of the steps, then intervals shrinking by
     3% of the steps per checkpoint down to 6% (each at least one step)."""
@@ -223,7 +244,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return out
 
 
-STEP_RULES = {"pgd": _ConstantStep, "apgd": _AutoStep}
+STEP_RULES = {"pgd": _ConstantStep, "apgd": _AutoStep, "cosine": _CosineStep}
 
 
 def check_objective(objective: Tensor, n: int) -> None:

@@ -2,10 +2,11 @@
 
     delta* = argmax_{||delta_i|| <= eps_i, x_i + delta_i in [0, 1]} objective(x + delta)_i
 
-Two methods share one step loop (`ascent.py`): PGD (fixed step) and Auto-PGD (Croce & Hein 2020:
-momentum, per-sample step halving at checkpoints, restart from the best point), the default
-attack (`conf/attack/apgd.yaml`). Every sample carries its own budget eps_i, so a whole eps ladder
-runs as ONE batch (repeat the images with `expand_ladder`). The step loop never synchronises with
+Three methods share one step loop (`ascent.py`): PGD (fixed step), Auto-PGD (Croce & Hein 2020:
+momentum, per-sample step halving at checkpoints, restart from the best point) and the default,
+"cosine" (a step annealed from long to 0 along half a cosine; `conf/attack/cosine.yaml`). Every
+sample carries its own budget eps_i, so a whole eps ladder runs as ONE batch (repeat the images
+with `expand_ladder`). The step loop never synchronises with
 the host: the best iterate per sample is kept with `torch.where`, and no Python branch depends
 on data. The settings live in `attack_config.py`.
 Samples are independent because the encoder is in eval mode, so the gradient of

@@ -19,12 +19,14 @@ from brainrobust.probes.geometry import NORMS
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16}
 # Each method's step when none is configured, relative to eps: Madry's 2.5 / 20 for PGD, Croce &
-# Hein's 2 for Auto-PGD (which halves it where it is too long).
-DEFAULT_STEP_SIZE = {"pgd": 2.5 / 20, "apgd": 2.0}
+# Hein's 2 for Auto-PGD (which halves it where it is too long), and for cosine the ball's
+# diameter twice over, which it anneals to 0 (conf/attack/cosine.yaml says why).
+DEFAULT_STEP_SIZE = {"pgd": 2.5 / 20, "apgd": 2.0, "cosine": 4.0}
 # Each method's `average_last` when none is configured: PGD as published; Auto-PGD also tries the
 # mean of its last 3 iterates, which on the zoo's random-init CNNs did as much as doubling a short
-# run's steps (their gradient turns within a small fraction of eps, so the iterates scatter).
-DEFAULT_AVERAGE_LAST = {"pgd": 1, "apgd": 3}
+# run's steps (their gradient turns within a small fraction of eps, so the iterates scatter);
+# cosine's last iterates coincide, its step having annealed to 0.
+DEFAULT_AVERAGE_LAST = {"pgd": 1, "apgd": 3, "cosine": 1}
 
 METHODS = tuple(DEFAULT_STEP_SIZE)
 
@@ -37,13 +39,15 @@ class PGDConfig:
 
     Parameters
     ----------
-    method : "pgd" (fixed step) or "apgd" (Auto-PGD: momentum, step halving at checkpoints,
-        restart from the best point; the configured default, `conf/attack/apgd.yaml`).
+    method : "pgd" (fixed step), "apgd" (Auto-PGD: momentum, step halving at checkpoints,
+        restart from the best point) or "cosine" (the step anneals from step_size * eps to 0
+        along half a cosine, no momentum; the configured default, `conf/attack/cosine.yaml`).
     norm : "l2" or "linf".
     steps : gradient steps per restart (>= 1).
-    step_size : step length relative to eps (step = step_size * eps); Auto-PGD's first step, which
-        it halves where progress stalls. None: the method's default (`DEFAULT_STEP_SIZE`: PGD
-        0.125 = 2.5 / 20, the Madry convention; Auto-PGD 2).
+    step_size : step length relative to eps (step = step_size * eps); Auto-PGD's and cosine's
+        first step, which Auto-PGD halves where progress stalls and cosine anneals to 0. None: the
+        method's default (`DEFAULT_STEP_SIZE`: PGD 0.125 = 2.5 / 20, the Madry convention;
+        Auto-PGD 2; cosine 4).
     random_start : start each restart at a random point of the ball (L2: Gaussian direction,
         radius uniform in [0, eps]; L-inf: uniform in the cube) instead of at delta = 0.
     restarts : independent runs; the best per sample is kept. > 1 needs random_start.
