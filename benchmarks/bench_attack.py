@@ -85,9 +85,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--method", default="pgd", choices=["pgd", "apgd"],
-                        help="our step rule: pgd (the peer's, equal settings) or apgd (the "
-                             "default attack's momentum and step halving, same step count)")
+    parser.add_argument("--method", default="pgd", choices=["pgd", "apgd", "cosine"],
+                        help="our step rule: pgd (the peer's, equal settings), apgd (momentum "
+                             "and step halving) or cosine (the default's annealed step), same "
+                             "step count")
     parser.add_argument("--eps", type=float, default=1.0, help="L2 budget")
     parser.add_argument("--voxels", type=int, default=1000)
     parser.add_argument("--device", default="cpu")

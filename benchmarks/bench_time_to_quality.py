@@ -41,21 +41,27 @@ K screened candidates per restart, and mM: up to M restarts while some image's b
 unconfirmed, e.g. 100x2c4m4, the default), the restarts run (mean per image), the quality
 reached (mean and worst image) and the share of images the convergence report calls converged.
 
-The RESULTS.md tables (2-core CPU, `--attacks default,pgdl2` over 3 seeds about 15 min per
-encoder at eps 0.1; all five attacks on one seed about 15 min per TinyCNN eps and 40 min for
-ResNet-18):
+The RESULTS.md tables of the annealed default (2-core CPU, `--threads 1`; the eps 0.1 sweep of
+three attacks over 3 seeds about 20 min for the TinyCNN and 45 min for the ResNet-18; each
+`--schedules` row set 10-20 min, most of it the reference):
 
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.1 --threads 1 \
-        --seeds 3,4,5 --attacks default,pgdl2 --grid 3,4,5,6,8,10,15,20,30,40,50,70,100,140,200,280,400
-    python benchmarks/bench_time_to_quality.py --models resnet18_random --eps 0.1 --ref-restarts 2 \
-        --threads 1 --seeds 3,4,5 --attacks default,pgdl2 \
+        --seeds 3,4,5 --attacks default,apgd,pgdl2 \
         --grid 3,4,5,6,8,10,15,20,30,40,50,70,100,140,200,280,400
-    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1
+    python benchmarks/bench_time_to_quality.py --models resnet18_random --eps 0.1 --ref-restarts 2 \
+        --threads 1 --seeds 3,4,5 --attacks default,apgd,pgdl2 \
+        --grid 3,4,5,6,8,10,15,20,30,40,50,70,100,140,200,280,400
+    python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 0.3 --threads 1 \
+        --seeds 3,4,5 --schedules 100x2c4m4,apgd:100x2c4m4
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 1.0 --threads 1 \
         --seeds 3,4,5 --schedules 100x2c4m4,apgd:100x2c4m4
     python benchmarks/bench_time_to_quality.py --models tiny_cnn_random --eps 1.0 --threads 1 \
         --seeds 3,4,5 --schedules 100x2c4m4,apgd:100x2c4m4 --ref-restarts 10 --ref-auto-pgd-only
-    python benchmarks/bench_time_to_quality.py --eps 0.1 --ref-restarts 2 --threads 1 --trajectory
+
+The older tables ran `--attacks default,pgdl2` (or all six attacks on one seed) when the default
+was Auto-PGD, now `apgd`, against the Auto-PGD-only reference: `--ref-auto-pgd-only`.
+`python benchmarks/bench_time_to_quality.py --eps 0.1 --ref-restarts 2 --threads 1 --trajectory`
+reads each attack's trajectory in one run.
 """
 
 from __future__ import annotations

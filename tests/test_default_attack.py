@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from brainrobust.models.build import random_readout_encoder
-from brainrobust.probes.ascent import apgd_checkpoints
+from brainrobust.probes.ascent import STEP_RULES, apgd_checkpoints
 from brainrobust.probes.attack import PGDConfig, _forked, expand_ladder, pgd, pgd_config
 from brainrobust.probes.base import ProbeContext
 from brainrobust.probes.objectives import make_objective
@@ -307,10 +307,11 @@ def test_only_the_unconfirmed_images_restart():
 # --- the annealed step (the default) and Auto-PGD's mechanics -------------------------------------
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_the_annealed_step_falls_from_four_eps_to_nothing(norm):
+def test_the_annealed_step_falls_from_its_first_step_to_nothing(norm):
     # A recorder sees every iterate. The ball and the box are convex and hold the current
-    # iterate, so their projections move it by at most the step: move t <= h_t = 4 eps
-    # (1 + cos(pi t / T)) / 2, in the budget's norm, and the first move crosses much of the ball.
+    # iterate, so their projections move it by at most the step: move t <= h_t = h_0
+    # (1 + cos(pi t / T)) / 2 in the budget's norm, h_0 = 4 eps in L2 and 2 eps (the cube's
+    # diameter) in L-inf, and the first move crosses much of the ball.
     # (A fixed step, or one that shrank more slowly, would exceed the bound near the end.)
     g = torch.Generator().manual_seed(0)
     pixels, units, eps, steps = 3 * SIZE * SIZE, 500, EPS[norm], 20
@@ -324,16 +325,24 @@ def test_the_annealed_step_falls_from_four_eps_to_nothing(norm):
 
     x = near_grey(4).double()
     cfg = default_attack(norm)
-    assert (cfg.method, cfg.step_size) == ("cosine", 4.0)
+    first = {"l2": 4.0, "linf": 2.0}[norm]
+    assert (cfg.method, cfg.step_size) == ("cosine", first)
     pgd(objective, x, eps, replace(cfg, steps=steps, restarts=1, max_restarts=None, candidates=1),
         generator=torch.Generator().manual_seed(0))
     assert len(seen) == steps + 1
     moves = torch.stack([(b - a).flatten(1) for a, b in itertools.pairwise(seen)])
     length = moves.norm(dim=2) if norm == "l2" else moves.abs().amax(2)
-    bound = torch.tensor([4 * eps * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)],
-                         dtype=torch.float64)
+    bound = torch.tensor([first * eps * (1 + math.cos(math.pi * t / steps)) / 2
+                          for t in range(steps)], dtype=torch.float64)
     assert (length <= bound[:, None] * (1 + 1e-9) + 1e-12).all(), length / bound[:, None]
     assert (length[0] >= 0.5 * eps).all(), length[0] / eps
+    # The rule's own step, set before each step t, is the bound itself.
+    rule = STEP_RULES[cfg.method](replace(cfg, steps=steps), torch.full((1,), eps, dtype=torch.float64))
+    steps_taken = []
+    for t in range(steps):
+        rule.update(t, torch.zeros(1), torch.zeros(1))
+        steps_taken.append(float(rule.length))
+    assert steps_taken == pytest.approx(bound.tolist(), rel=1e-12)
 
 
 def test_checkpoints_are_croce_and_heins():
@@ -548,33 +557,29 @@ def test_as_strong_as_torchattacks_auto_pgd(norm, eps):
 # --- nonlinear encoders: the zoo's random-init CNN against a long reference ----------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm,eps,references", [
-    ("l2", 0.1, ("cosine", "apgd")), ("linf", 0.5 / 255, ("cosine", "apgd")), ("l2", 1.0, ("apgd",)),
-])
-def test_default_is_within_one_percent_of_a_long_reference_on_a_random_cnn(norm, eps, references):
-    # The smallest budgets of the default ladders (l2_small, linf) and the largest L2 one. The
-    # reference is the best of long runs (400 steps x 4 restarts) of the default's schedule and
-    # Auto-PGD's, so it does not rest on the default's own search alone. At eps 1.0 the random
-    # network is rugged: one long Auto-PGD run lands a few percent apart from the next. There
-    # the test holds the default to Auto-PGD's long runs (the spec's reference): the default's
-    # own long anneal still climbs 1-2% beyond its 100 steps (at 64 px the default reached
-    # 98.5-98.8% of the best of both, Auto-PGD at its budget 95.5-96.3%; RESULTS.md), and the
+@pytest.mark.parametrize("norm,eps,floor", [("l2", 0.1, 0.99), ("linf", 0.5 / 255, 0.99),
+                                            ("l2", 1.0, 0.98)])
+def test_default_against_long_references_on_a_random_cnn(norm, eps, floor):
+    # The smallest budgets of the default ladders (l2_small, linf) and the largest L2 one, against
+    # long runs (400 steps x 4 restarts) of Auto-PGD and of the default's own schedule. Within 1%
+    # of Auto-PGD's long runs everywhere (the spec's reference). Against the best of both: within
+    # 1% at the small budgets; at eps 1.0 the random network is rugged and the default's own long
+    # anneal still climbs 1-2% beyond its 100 steps (measured 0.986 here; at 64 px 97.9-98.8% of
+    # the best of long runs of both, Auto-PGD at its budget 95.0-96.3%; RESULTS.md), and the
     # report flags those images.
     encoder = random_readout_encoder("tiny_cnn_random", size=32, voxels=100)
     x = smooth_images(6, 32)
     cfg = default_attack(norm)
-    longs = []
-    for name in references:
-        composed = compose_config(f"attack={name}", *(["epsilon=linf"] if norm == "linf" else []))
-        attack_cfg = pgd_config(OmegaConf.to_container(composed.attack, resolve=True))
-        longs.append(replace(attack_cfg, steps=400, restarts=4, max_restarts=None))
+    composed = compose_config("attack=apgd", *(["epsilon=linf"] if norm == "linf" else []))
+    auto_pgd = pgd_config(OmegaConf.to_container(composed.attack, resolve=True))
     for kind in ("abs", "pattern"):
         objective = make_objective(encoder, "half", kind, x)
-        reference = torch.stack([pgd(objective, x, eps, long,
-                                     generator=torch.Generator().manual_seed(9)).objective
-                                 for long in longs]).amax(0)
-        ours = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(0))
-        ratio = ours.objective / torch.maximum(reference, ours.objective)
-        # A mean over images: the random CNN's optima differ by restart (conv_spread shows it),
+        long_auto_pgd, long_default = (
+            pgd(objective, x, eps, replace(c, steps=400, restarts=4, max_restarts=None),
+                generator=torch.Generator().manual_seed(9)).objective for c in (auto_pgd, cfg))
+        ours = pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(0)).objective
+        # Means over images: the random CNN's optima differ by restart (conv_spread shows it),
         # so one image may land in a lower one; the study reports means over images.
-        assert ratio.mean() >= 0.99, (kind, ratio)
+        assert (ours / torch.maximum(long_auto_pgd, ours)).mean() >= 0.99, kind
+        best = torch.stack([long_auto_pgd, long_default, ours]).amax(0)
+        assert (ours / best).mean() >= floor, (kind, ours / best)

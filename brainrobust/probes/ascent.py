@@ -12,7 +12,7 @@ h_0 = step_size * eps (2 eps), m_0 = 0 and m_t = 0.25 after (their alpha = 0.75)
 objective rose in at most 75% of the steps since the previous checkpoint (oscillation), or where
 its best value has not grown since a checkpoint that did not halve (stall); such a sample
 restarts from its best iterate and gradient, with its momentum reset. Cosine: h_t = step_size *
-eps * (1 + cos(pi t / steps)) / 2 and m_t = 0; its long first steps (4 eps: a jump across the
+eps * (1 + cos(pi t / steps)) / 2 and m_t = 0; its long first steps (4 eps in L2: a jump across the
 ball) cross the small linear pieces of a ReLU network and find its high region, the shrinking
 ones climb it. After the final iterate, a run with `average_last` > 1 (Auto-PGD's default) also
 evaluates the mean of its last iterates (Polyak averaging), scaled out to the boundary. Every

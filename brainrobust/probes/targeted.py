@@ -93,14 +93,14 @@ class TargetedProbe(Probe):
         self.check(integers={"batch_size": (batch_size, 1)}, above={"fps": (fps, 0)},
                    choices={"direction": (direction, DIRECTIONS)})
         if roi in hold:
-            raise ConfigError(f"targeted.hold names the driven ROI {roi!r}; hold only other ROIs")
+            raise ConfigError(f"probe.targeted.hold names the driven ROI {roi!r}; hold only other ROIs")
         bad = {
             k: w
             for k, w in hold.items()
             if not is_number(w) or w < 0
         }
         if bad:
-            raise ConfigError(f"targeted.hold weights must be numbers >= 0, got {bad}")
+            raise ConfigError(f"probe.targeted.hold weights must be numbers >= 0, got {bad}")
         self.roi = roi
         self.direction = direction
         self.eps = validate_schedule(eps_schedule)
