@@ -306,12 +306,15 @@ def _schedules(model, kind, schedules, objective, x, eps, reference, seeds) -> s
         results = [pgd(objective, x, eps, cfg, generator=torch.Generator().manual_seed(seed))
                    for seed in seeds]
         ratios = [result.objective / reference for result in results]
+
+        def per_seed(values, digits):
+            return ", ".join(f"{float(value):.{digits}f}" for value in values)
+
         rows.append(f"| {model} | {kind} | {schedule} | "
-                    + " | ".join(", ".join(f"{value:.{digits}f}" for value in values) for values, digits in (
-                        ([float(r.restarts.double().mean()) for r in results], 2),
-                        ([float(r.mean()) for r in ratios], 4), ([float(r.min()) for r in ratios], 4),
-                        ([float(r.converged.mean()) for r in results], 2)))
-                    + " |")
+                    f"{per_seed((r.restarts.double().mean() for r in results), 2)} | "
+                    f"{per_seed((r.mean() for r in ratios), 4)} | "
+                    f"{per_seed((r.min() for r in ratios), 4)} | "
+                    f"{per_seed((r.converged.mean() for r in results), 2)} |")
     return "\n".join(rows)
 
 

@@ -116,7 +116,7 @@ def build_probes(cfg: DictConfig) -> list[Probe]:
             named = re.match(rf"probe\.{re.escape(name)}\.(\w+)(?![\w.])", str(error))
             if named is None or named[1] not in probe_cfg:
                 raise
-            raise ConfigError(key_source(probe_cfg, name, named[1])
+            raise ConfigError(_key_source(probe_cfg, name, named[1])
                               + str(error)[named.end():]) from None
         if not isinstance(probe, Probe):
             raise ConfigError(f"probe.{name} does not build a brainrobust Probe (got {type(probe).__name__})")
@@ -174,7 +174,7 @@ def claimed(store: RunStore) -> Iterator[None]:
 _PLAIN_REFERENCE = re.compile(r"\$\{(\w[\w.\[\]]*)\}")
 
 
-def key_source(node: DictConfig, name: str, key: str) -> str:
+def _key_source(node: DictConfig, name: str, key: str) -> str:
     """`probe.<name>.<key>`, after the key the user set where the probe's value is a plain
     interpolation of it: `epsilon.ladder (probe.sensitivity.eps)`."""
     where = f"probe.{name}.{key}"
@@ -186,7 +186,7 @@ def key_source(node: DictConfig, name: str, key: str) -> str:
 
 def check_budgets(cfg: DictConfig, size: int) -> None:
     """Every probe's eps ladder or schedule against the stimulus size (`attack.check_budget`).
-    A refusal names the key to change (`key_source`)."""
+    A refusal names the key to change (`_key_source`)."""
     for name, node in (cfg.get("probe") or {}).items():
         norm = node.get("norm") or (node.get("attack") or {}).get("norm") or cfg.epsilon.norm
         for key in ("eps", "eps_schedule"):
@@ -196,7 +196,7 @@ def check_budgets(cfg: DictConfig, size: int) -> None:
             try:
                 check_budget(list(value) if OmegaConf.is_list(value) else [value], norm, size)
             except ConfigError as error:
-                raise ConfigError(f"{key_source(node, name, key)}: {error}") from None
+                raise ConfigError(f"{_key_source(node, name, key)}: {error}") from None
 
 
 def compute(cfg: DictConfig, store: RunStore, spec: ModelSpec, dm: BrainDataModule,
